@@ -165,7 +165,7 @@ def cfg_log_probs(cond_logits: Tensor, uncond_logits: Tensor, scale: Scale) -> T
         >>> from guidance.ops import cfg_log_probs
         >>> out = cfg_log_probs(torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 0.0]]), 1.5)
         >>> torch.round(out, decimals=4)
-        tensor([[-0.0707, -3.0707]])
+        tensor([[ 0.1562, -2.8438]])
     """
     _check_pair(cond_logits, uncond_logits)
     if _is_one(scale):
