@@ -36,6 +36,8 @@ __all__ = [
     "Cutoff",
     "FunctionSchedule",
     "MeanNormalized",
+    "DynamicThresholdingSchedule",
+    "DYNAMIC_THRESHOLDING_MODES",
     "as_schedule",
     "progress",
 ]
@@ -276,13 +278,110 @@ class MeanNormalized:
         return 1.0 + (self.schedule(step, num_steps, sigma) - 1.0) * self._factor(num_steps)
 
 
+DYNAMIC_THRESHOLDING_MODES = (
+    "constant",
+    "linear down",
+    "half cosine down",
+    "cosine down",
+    "linear up",
+    "half cosine up",
+    "cosine up",
+    "power up",
+    "power down",
+    "linear repeating",
+    "cosine repeating",
+    "sawtooth",
+)
+
+
+@dataclass(frozen=True)
+class DynamicThresholdingSchedule:
+    """The schedule modes of sd-dynamic-thresholding: ``minimum + (scale - minimum) * f(t)``, ``t = step / (N - 1)``.
+
+    ``mode`` is one of :data:`DYNAMIC_THRESHOLDING_MODES` (case-insensitive, the extension's UI
+    names): ``f`` is ``1 - t`` (linear down), ``cos(t)`` (half cosine down), ``cos(1.5707 t)``
+    (cosine down), ``t``, ``1 - cos(t)``, ``1 - cos(1.5707 t)`` (the "up" forms), ``t^value`` /
+    ``1 - t^value`` (power up / down), a triangle wave, ``cos(6.28318 t value) / 2 + 1/2`` and
+    ``(t value) mod 1`` (linear repeating, cosine repeating, sawtooth; ``value`` cycles). The
+    extension's truncated constants are kept so its numbers are reproduced exactly. Its default
+    ``minimum`` is 0 (unconditional); ours is 1 (guidance off).
+
+    Example:
+        >>> from guidance.schedules import DynamicThresholdingSchedule
+        >>> sched = DynamicThresholdingSchedule(7.0, "linear down")
+        >>> [sched(step, 4) for step in range(4)]
+        [7.0, 5.0, 3.0, 1.0]
+    """
+
+    scale: float
+    mode: str = "constant"
+    minimum: float = 1.0
+    value: float = 4.0
+
+    def __post_init__(self) -> None:
+        _finite(self.scale, "scale")
+        _finite(self.minimum, "minimum")
+        _finite(self.value, "value")
+        mode = self.mode.lower() if isinstance(self.mode, str) else self.mode
+        if mode not in DYNAMIC_THRESHOLDING_MODES:
+            raise ValueError(f"`mode` must be one of {DYNAMIC_THRESHOLDING_MODES}, got {self.mode!r}.")
+        object.__setattr__(self, "mode", mode)
+        if mode in ("power up", "power down") and self.value < 0:
+            raise ValueError(f"`value` (the power) must be >= 0 for mode {mode!r}, got {self.value}.")
+
+    def __call__(self, step: int, num_steps: int | None = None, sigma: float | None = None) -> float:
+        progress(step, num_steps, "dynamic-thresholding")
+        t = step / max(num_steps - 1, 1)
+        mode, v = self.mode, self.value
+        if mode == "constant":
+            f = 1.0
+        elif mode == "linear down":
+            f = 1.0 - t
+        elif mode == "half cosine down":
+            f = math.cos(t)
+        elif mode == "cosine down":
+            f = math.cos(t * 1.5707)
+        elif mode == "linear up":
+            f = t
+        elif mode == "half cosine up":
+            f = 1.0 - math.cos(t)
+        elif mode == "cosine up":
+            f = 1.0 - math.cos(t * 1.5707)
+        elif mode == "power up":
+            f = math.pow(t, v)
+        elif mode == "power down":
+            f = 1.0 - math.pow(t, v)
+        elif mode == "linear repeating":
+            portion = (t * v) % 1.0
+            f = (0.5 - portion) * 2 if portion < 0.5 else (portion - 0.5) * 2
+        elif mode == "cosine repeating":
+            f = math.cos(t * 6.28318 * v) * 0.5 + 0.5
+        else:
+            f = (t * v) % 1.0
+        return (self.scale - self.minimum) * f + self.minimum
+
+
 def as_schedule(value: float | int | Schedule | Callable[..., float]) -> Schedule:
     """A number becomes :class:`Constant`; a schedule object is returned as is; any other callable is wrapped."""
     if isinstance(value, bool):
         raise ValueError(f"A guidance scale or schedule is required, got {value!r}.")
     if isinstance(value, (int, float)):
         return Constant(float(value))
-    if isinstance(value, (Constant, Linear, Cosine, Window, Interval, BetaPdf, Cutoff, FunctionSchedule, MeanNormalized)):
+    if isinstance(
+        value,
+        (
+            Constant,
+            Linear,
+            Cosine,
+            Window,
+            Interval,
+            BetaPdf,
+            Cutoff,
+            FunctionSchedule,
+            MeanNormalized,
+            DynamicThresholdingSchedule,
+        ),
+    ):
         return value
     if callable(value):
         return FunctionSchedule(value)

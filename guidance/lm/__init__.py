@@ -1,5 +1,15 @@
 """transformers adapter: batched CFG decoding for ``generate`` and LogitsProcessor forms."""
 
 from guidance.lm.generate import CFG_FORMS, cfg_generate
+from guidance.lm.processors import CFGLogitsProcessor, ModelUnconditionalLogits
+from guidance.lm.text import GenerationResult, encode_prompts, generate_text
 
-__all__ = ["CFG_FORMS", "cfg_generate"]
+__all__ = [
+    "CFG_FORMS",
+    "CFGLogitsProcessor",
+    "GenerationResult",
+    "ModelUnconditionalLogits",
+    "cfg_generate",
+    "encode_prompts",
+    "generate_text",
+]
