@@ -13,7 +13,14 @@ from typing import Any
 from guidance import adaptive, guiders, ops, schedules, spaces
 from guidance.adaptive import AdaptiveGuidance, RatioCutoff, cosine_similarity
 from guidance.guiders import APG, CFG, BetaCFG, CFGZeroStar, Guider, PerpNeg, RescaledCFG, guide
-from guidance.lm import CFGLogitsProcessor, ModelUnconditionalLogits, cfg_generate, generate_text
+from guidance.lm import (
+    CFGLogitsProcessor,
+    ClassifierWeightedLogitsProcessor,
+    GeDiLogitsProcessor,
+    ModelUnconditionalLogits,
+    cfg_generate,
+    generate_text,
+)
 from guidance.ops import (
     MomentumBuffer,
     apg,
@@ -54,6 +61,8 @@ __all__ = [
     "CFG",
     "CFGCutoffCallback",
     "CFGLogitsProcessor",
+    "ClassifierWeightedLogitsProcessor",
+    "GeDiLogitsProcessor",
     "CFGZeroStar",
     "Guider",
     "GuidanceHandle",

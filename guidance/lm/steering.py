@@ -18,6 +18,7 @@ Classifiers are used through text, so their tokenizer need not match the LM's:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -48,6 +49,10 @@ __all__ = [
     "as_text_classifier",
     "mean_pool",
 ]
+
+# Float32 logits of the prompt that GeDi's prefill may hold at once (512 MiB); longer prompts
+# are scored in chunks of rows.
+_PROMPT_LOGITS_BUDGET = 2**27
 
 # Tokens of context decoded together with a candidate, so that merges across the boundary
 # (leading spaces, WordPiece "##", multi-byte characters) come out as in a full decode.
@@ -88,18 +93,24 @@ class TransformersTextClassifier:
         torch.Size([2, 2])
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer: Any, *, max_length: int = 256, batch_size: int = 256) -> None:
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: Any, *, max_length: int = 256, batch_size: int = 256
+    ) -> None:
         if tokenizer is None:
             raise ValueError("`classifier_tokenizer` is required with a transformers classification model.")
         if max_length < 1 or batch_size < 1:
-            raise ValueError(f"`max_length` and `batch_size` must be positive, got {max_length} and {batch_size}.")
+            raise ValueError(
+                f"`max_length` and `batch_size` must be positive, got {max_length} and {batch_size}."
+            )
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.batch_size = batch_size
         config = model.config
         self.label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
-        self._sigmoid = config.num_labels == 1 or getattr(config, "problem_type", None) == "multi_label_classification"
+        self._sigmoid = (
+            config.num_labels == 1 or getattr(config, "problem_type", None) == "multi_label_classification"
+        )
 
     @torch.no_grad()
     def __call__(self, texts: Sequence[str]) -> Tensor:
@@ -151,7 +162,9 @@ class SentenceEncoderClassifier:
         batch_size: int = 256,
     ) -> None:
         if max_length < 1 or batch_size < 1:
-            raise ValueError(f"`max_length` and `batch_size` must be positive, got {max_length} and {batch_size}.")
+            raise ValueError(
+                f"`max_length` and `batch_size` must be positive, got {max_length} and {batch_size}."
+            )
         self.encoder = encoder.eval()
         self.tokenizer = tokenizer
         self.head = head.eval()
@@ -169,6 +182,7 @@ class SentenceEncoderClassifier:
             batch = self.tokenizer(
                 list(texts[start : start + self.batch_size]),
                 padding=True,
+                padding_side="right",  # absolute position embeddings (BERT) must start at 0
                 truncation=True,
                 max_length=self.max_length,
                 return_tensors="pt",
@@ -203,7 +217,9 @@ def as_text_classifier(classifier: Any, classifier_tokenizer: Any = None) -> Tex
             "sentence encoder with `SentenceEncoderClassifier(encoder, tokenizer, head)`."
         )
     if not callable(classifier):
-        raise ValueError(f"`classifier` must be callable on a list of texts, got {type(classifier).__name__}.")
+        raise ValueError(
+            f"`classifier` must be callable on a list of texts, got {type(classifier).__name__}."
+        )
     return classifier
 
 
@@ -246,16 +262,21 @@ class _CandidateTexts:
             text = self._decode(prefix)
         return text
 
-    def __call__(self, prefixes: list[list[int]], candidates: list[list[int]]) -> tuple[list[str], list[list[str]]]:
+    def __call__(
+        self, prefixes: list[list[int]], candidates: list[list[int]]
+    ) -> tuple[list[str], list[list[str]]]:
         prefix_texts = [self.prefix_text(prefix) for prefix in prefixes]
         tails = [prefix[-_DECODE_WINDOW:] for prefix in prefixes]
         decode = self.tokenizer.batch_decode
         bases = decode(tails, skip_special_tokens=True)
-        extended = decode([tail + [token] for tail, row in zip(tails, candidates) for token in row], skip_special_tokens=True)
+        extended = decode(
+            [tail + [token] for tail, row in zip(tails, candidates, strict=True) for token in row],
+            skip_special_tokens=True,
+        )
         known: dict[tuple[int, ...], str] = {}
         texts: list[list[str]] = []
         position = 0
-        for prefix, prefix_text, base, row in zip(prefixes, prefix_texts, bases, candidates):
+        for prefix, prefix_text, base, row in zip(prefixes, prefix_texts, bases, candidates, strict=True):
             row_texts = []
             key = tuple(prefix)
             for token in row:
@@ -308,7 +329,11 @@ class ClassifierWeightedLogitsProcessor(LogitsProcessor):
     classifier call, no filtering), so generation is bit-identical to plain ``generate``.
 
     Tokens outside the top k are removed (``outside_top_k="remove"``, CAIF/FUDGE), or kept
-    with ``alpha * log p(attribute | prefix)`` added (``outside_top_k="prefix"``).
+    with ``alpha * log p(attribute | prefix)`` added (``outside_top_k="prefix"``). Special
+    tokens (EOS) decode to nothing, so their text is the prefix itself: stopping now is
+    scored as the text so far. Candidate texts are built from the previous step's decode plus
+    a short-window decode of the new token (equal to a full decode; a full decode is the
+    fallback where a character is split across tokens).
 
     Args:
         tokenizer: the generating LM's tokenizer (to turn token ids into text).
@@ -341,12 +366,13 @@ class ClassifierWeightedLogitsProcessor(LogitsProcessor):
         >>> lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
         ...                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
         ...                                   pad_token_id=0, eos_token_id=102, bos_token_id=101)).eval()
-        >>> def likes_the(texts):  # p(attribute | text): texts that end in "the" are on-attribute
-        ...     return torch.tensor([0.99 if t.endswith("the") else 0.01 for t in texts])
+        >>> def likes_the(texts):  # p(attribute | text): texts whose last word is "the" are on-attribute
+        ...     return torch.tensor([0.99 if t.split()[-1:] == ["the"] else 0.01 for t in texts])
         >>> steer = ClassifierWeightedLogitsProcessor(tokenizer, likes_the, alpha=10.0, top_k=len(tokenizer))
-        >>> prompt = tokenizer("hello", return_tensors="pt", add_special_tokens=False)
-        >>> out = lm.generate(**prompt, max_new_tokens=3, do_sample=False, logits_processor=LogitsProcessorList([steer]))
-        >>> tokenizer.decode(out[0, prompt.input_ids.shape[1]:])
+        >>> prompt = tokenizer("hello", return_tensors="pt", add_special_tokens=False).input_ids
+        >>> out = lm.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, do_sample=False,
+        ...                   suppress_tokens=tokenizer.all_special_ids, logits_processor=LogitsProcessorList([steer]))
+        >>> tokenizer.decode(out[0, prompt.shape[1]:])
         'the the the'
     """
 
@@ -373,8 +399,12 @@ class ClassifierWeightedLogitsProcessor(LogitsProcessor):
             or not math.isfinite(entropy_threshold)
             or entropy_threshold < 0
         ):
-            raise ValueError(f"`entropy_threshold` must be None or a finite number >= 0 (nats), got {entropy_threshold!r}.")
-        if context_tokens is not None and (isinstance(context_tokens, bool) or not isinstance(context_tokens, int) or context_tokens < 1):
+            raise ValueError(
+                f"`entropy_threshold` must be None or a finite number >= 0 (nats), got {entropy_threshold!r}."
+            )
+        if context_tokens is not None and (
+            isinstance(context_tokens, bool) or not isinstance(context_tokens, int) or context_tokens < 1
+        ):
             raise ValueError(f"`context_tokens` must be None or a positive integer, got {context_tokens!r}.")
         if outside_top_k not in OUTSIDE_TOP_K:
             raise ValueError(f"`outside_top_k` must be one of {OUTSIDE_TOP_K}, got {outside_top_k!r}.")
@@ -388,7 +418,13 @@ class ClassifierWeightedLogitsProcessor(LogitsProcessor):
         self.context_tokens = context_tokens
         self.outside_top_k = outside_top_k
         self.filter_value = filter_value
-        self.stats = {"steps": 0, "classifier_calls": 0, "texts_scored": 0, "rows_scored": 0, "rows_skipped": 0}
+        self.stats = {
+            "steps": 0,
+            "classifier_calls": 0,
+            "texts_scored": 0,
+            "rows_scored": 0,
+            "rows_skipped": 0,
+        }
         self._texts = _CandidateTexts(tokenizer)
         self._tracker = _GenerationTracker()
 
@@ -421,7 +457,10 @@ class ClassifierWeightedLogitsProcessor(LogitsProcessor):
         candidate_lists = candidate_ids.cpu().tolist()
         finite_lists = finite.cpu().tolist()
         # Only finite candidates are worth scoring; masked ones stay -inf whatever they get.
-        wanted = [[token for token, ok in zip(ids, oks) if ok] for ids, oks in zip(candidate_lists, finite_lists)]
+        wanted = [
+            [token for token, ok in zip(ids, oks, strict=True) if ok]
+            for ids, oks in zip(candidate_lists, finite_lists, strict=True)
+        ]
         prefix_texts, candidate_texts = self._texts(prefixes, wanted)
         unique: dict[str, int] = {}
         for row_texts in candidate_texts:
@@ -436,7 +475,7 @@ class ClassifierWeightedLogitsProcessor(LogitsProcessor):
         self.stats["texts_scored"] += len(texts)
         log_probs = attribute_log_probs(probs)
         candidate_log_probs = torch.zeros(candidate_ids.shape, dtype=torch.float32)
-        for r, (oks, row_texts) in enumerate(zip(finite_lists, candidate_texts)):
+        for r, (oks, row_texts) in enumerate(zip(finite_lists, candidate_texts, strict=True)):
             columns = [k for k, ok in enumerate(oks) if ok]
             if columns:
                 candidate_log_probs[r, columns] = log_probs[[unique[text] for text in row_texts]]
@@ -486,6 +525,8 @@ class GeDiLogitsProcessor(LogitsProcessor):
             otherwise only generated tokens count.
         pad_token_id: the id of left padding in ``input_ids`` (default: the tokenizer's).
 
+    ``stats`` counts steps, full prefills (a new generation) and beam reorderings of the cache.
+
     GeDi's extra filtering heuristic (dropping low-``p(desired)`` tokens from the nucleus)
     is not applied; combine with ``top_p``/``typical_p`` for that role.
 
@@ -521,7 +562,9 @@ class GeDiLogitsProcessor(LogitsProcessor):
         validate_scale(omega, "omega")
         validate_scale(logit_scale, "logit_scale")
         if isinstance(class_prompts, str) or len(class_prompts) < 2:
-            raise ValueError(f"`class_prompts` must hold at least 2 prompts (one per class), got {class_prompts!r}.")
+            raise ValueError(
+                f"`class_prompts` must hold at least 2 prompts (one per class), got {class_prompts!r}."
+            )
         prompt_ids: list[list[int]] = []
         for prompt in class_prompts:
             if isinstance(prompt, str):
@@ -531,14 +574,24 @@ class GeDiLogitsProcessor(LogitsProcessor):
             else:
                 ids = [int(token) for token in prompt]
             if not ids:
-                raise ValueError(f"Every class prompt must be non-empty (it predicts the first token), got {prompt!r}.")
+                raise ValueError(
+                    f"Every class prompt must be non-empty (it predicts the first token), got {prompt!r}."
+                )
             prompt_ids.append(ids)
-        if isinstance(desired_class, bool) or not isinstance(desired_class, int) or not 0 <= desired_class < len(prompt_ids):
-            raise ValueError(f"`desired_class` must be an index in [0, {len(prompt_ids)}), got {desired_class!r}.")
+        if (
+            isinstance(desired_class, bool)
+            or not isinstance(desired_class, int)
+            or not 0 <= desired_class < len(prompt_ids)
+        ):
+            raise ValueError(
+                f"`desired_class` must be an index in [0, {len(prompt_ids)}), got {desired_class!r}."
+            )
         if class_bias is not None:
             bias = torch.as_tensor(class_bias, dtype=torch.float32)
             if bias.shape != (len(prompt_ids),) or not bool(torch.isfinite(bias).all()):
-                raise ValueError(f"`class_bias` must be {len(prompt_ids)} finite numbers, got {class_bias!r}.")
+                raise ValueError(
+                    f"`class_bias` must be {len(prompt_ids)} finite numbers, got {class_bias!r}."
+                )
             class_bias = bias
         self.class_lm = class_lm
         self.class_prompt_ids = prompt_ids
@@ -551,6 +604,8 @@ class GeDiLogitsProcessor(LogitsProcessor):
         if pad_token_id is None and tokenizer is not None:
             pad_token_id = tokenizer.pad_token_id
         self.pad_token_id = pad_token_id
+        self.stats = {"steps": 0, "prefills": 0, "reorders": 0}
+        self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(class_lm.forward).parameters
         self._state: dict[str, Any] | None = None
 
     @property
@@ -564,6 +619,21 @@ class GeDiLogitsProcessor(LogitsProcessor):
                 start += 1
         return row[start:]
 
+    def _forward(self, keep: int | None, **inputs: Any) -> Any:
+        if keep is not None and self._accepts_logits_to_keep:
+            inputs["logits_to_keep"] = keep
+        return self.class_lm(**inputs)
+
+    def _content_log_likelihood(self, logits: Tensor, ids: Tensor, lengths: Tensor, longest: int) -> Tensor:
+        """``sum_j log P(x_j | x_<j)`` over each row's last ``lengths[row]`` tokens, from the last logits."""
+        logits = logits[:, -longest - 1 : -1].float()
+        targets = ids[:, -longest:]
+        token_log_probs = logits.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
+        scored = (
+            torch.arange(longest, device=ids.device)[None, :] >= (longest - lengths.to(ids.device))[:, None]
+        )
+        return torch.where(scored, token_log_probs, torch.zeros((), device=ids.device)).sum(-1)
+
     def _prefill(self, input_ids: LongTensor) -> None:
         device = _model_device(self.class_lm)
         contents = [self._content(row) for row in input_ids.tolist()]
@@ -576,26 +646,46 @@ class GeDiLogitsProcessor(LogitsProcessor):
             mask[i, length - len(seq) :] = 1
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         ids, mask, position_ids = ids.to(device), mask.to(device), position_ids.to(device)
-        out = self.class_lm(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
-        logits = out.logits.float()
         batch = input_ids.shape[0]
-        content_lengths = torch.tensor([len(content) for content in contents])
-        if self.score_prompt:
-            longest = int(content_lengths.max())
-            step_log_probs = torch.log_softmax(logits[:, -longest - 1 : -1], dim=-1)
-            token_log_probs = step_log_probs.gather(-1, ids[:, -longest:, None])[..., 0].cpu()
-            scored = torch.arange(longest)[None, :] >= (longest - content_lengths.repeat(self.num_classes))[:, None]
-            prefix_ll = torch.where(scored, token_log_probs, torch.zeros(())).sum(-1).view(self.num_classes, batch)
-            counts = content_lengths.to(torch.float32)
-        else:
-            prefix_ll = torch.zeros(self.num_classes, batch)
+        lengths = torch.tensor([len(content) for content in contents]).repeat(self.num_classes)
+        longest = int(lengths.max())
+        vocab = int(getattr(self.class_lm.config, "vocab_size", 0) or 0)
+        rows_per_pass = max(1, _PROMPT_LOGITS_BUDGET // max(1, (longest + 1) * vocab))
+        one_pass = self.score_prompt and rows_per_pass >= len(sequences)
+        out = self._forward(
+            longest + 1 if one_pass else 1,
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            use_cache=True,
+        )
+        if not self.score_prompt:
+            prefix_ll = torch.zeros(len(sequences), device=device)
             counts = torch.zeros(batch)
+        elif one_pass:
+            prefix_ll = self._content_log_likelihood(out.logits, ids, lengths, longest)
+            counts = lengths[:batch].to(torch.float32)
+        else:  # long prompts: score them in row chunks so the logits never exceed the budget
+            chunks = []
+            for first in range(0, len(sequences), rows_per_pass):
+                rows = slice(first, first + rows_per_pass)
+                chunk = self._forward(
+                    longest + 1,
+                    input_ids=ids[rows],
+                    attention_mask=mask[rows],
+                    position_ids=position_ids[rows],
+                    use_cache=False,
+                )
+                chunks.append(self._content_log_likelihood(chunk.logits, ids[rows], lengths[rows], longest))
+            prefix_ll = torch.cat(chunks)
+            counts = lengths[:batch].to(torch.float32)
+        logits = out.logits[:, -1].float()
         self._state = {
             "cache": out.past_key_values,
             "mask": mask,
             "position": position_ids[:, -1],
-            "next_log_probs": torch.log_softmax(logits[:, -1], dim=-1).view(self.num_classes, batch, -1),
-            "prefix_ll": prefix_ll.to(logits.device),
+            "next_log_probs": torch.log_softmax(logits, dim=-1).view(self.num_classes, batch, -1),
+            "prefix_ll": prefix_ll.view(self.num_classes, batch).to(logits.device),
             "counts": counts.to(logits.device),
             "input_ids": input_ids.detach().clone(),
         }
@@ -606,9 +696,10 @@ class GeDiLogitsProcessor(LogitsProcessor):
         device = state["mask"].device
         tokens = input_ids[:, -1].to(device)
         next_log_probs = state["next_log_probs"]
-        state["prefix_ll"] = state["prefix_ll"] + next_log_probs.gather(
-            -1, tokens.view(1, -1, 1).expand(self.num_classes, -1, 1)
-        )[..., 0]
+        state["prefix_ll"] = (
+            state["prefix_ll"]
+            + next_log_probs.gather(-1, tokens.view(1, -1, 1).expand(self.num_classes, -1, 1))[..., 0]
+        )
         state["counts"] = state["counts"] + 1
         step_ids = tokens.repeat(self.num_classes)[:, None]
         state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(step_ids.shape)], dim=-1)
@@ -639,11 +730,14 @@ class GeDiLogitsProcessor(LogitsProcessor):
             return False
         batch = input_ids.shape[0]
         rows = torch.tensor(order, device=state["mask"].device)
-        class_rows = (torch.arange(self.num_classes, device=rows.device)[:, None] * batch + rows[None, :]).flatten()
+        class_rows = (
+            torch.arange(self.num_classes, device=rows.device)[:, None] * batch + rows[None, :]
+        ).flatten()
         cache = state["cache"]
         if not hasattr(cache, "reorder_cache"):
             return False
         cache.reorder_cache(class_rows)
+        self.stats["reorders"] += 1
         state["mask"] = state["mask"][class_rows]
         state["position"] = state["position"][class_rows]
         state["next_log_probs"] = state["next_log_probs"][:, rows]
@@ -663,9 +757,11 @@ class GeDiLogitsProcessor(LogitsProcessor):
             and state["input_ids"].shape[1] + 1 == input_ids.shape[1]
             and torch.equal(state["input_ids"].to(input_ids.device), input_ids[:, :-1])
         )
+        self.stats["steps"] += 1
         if continues or (state is not None and self._reorder(input_ids)):
             self._advance(input_ids)
         else:
+            self.stats["prefills"] += 1
             self._prefill(input_ids)
         state = self._state
         assert state is not None
