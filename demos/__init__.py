@@ -1,0 +1,1 @@
+"""Gradio demos of guidance-decoding (``python -m demos.app``)."""
