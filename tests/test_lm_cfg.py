@@ -256,3 +256,21 @@ def test_embedded_model_scale_one_bit_identical(smollm2):
     ours = model.generate(**inputs, **kwargs, guidance_scale=1.0, custom_generate=cfg_generate)
     assert torch.equal(plain.sequences, ours.sequences)
     assert all(torch.equal(a, b) for a, b in zip(plain.scores, ours.scores, strict=True))
+
+
+def test_typical_sampling_uses_the_sort_free_warper_and_keeps_transformers_tokens(tiny_lm, monkeypatch):
+    import samplers.typical
+
+    calls = []
+    original = samplers.typical.LocallyTypicalWarper.__call__
+
+    def counting_call(self, input_ids, scores):
+        calls.append(scores.shape)
+        return original(self, input_ids, scores)
+
+    monkeypatch.setattr(samplers.typical.LocallyTypicalWarper, "__call__", counting_call)
+    kwargs = dict(guidance_scale=2.0, do_sample=True, typical_p=0.7, temperature=0.9, seed=5)
+    reference = _gen(tiny_lm, PROMPT, **kwargs)
+    ours = _gen(tiny_lm, PROMPT, custom_generate=cfg_generate, **kwargs)
+    assert len(calls) == 12
+    assert torch.equal(reference, ours)

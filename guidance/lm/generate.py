@@ -30,7 +30,10 @@ import torch
 from torch import LongTensor, Tensor
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.configuration_utils import GenerationMode
-from transformers.generation.logits_process import UnbatchedClassifierFreeGuidanceLogitsProcessor
+from transformers.generation.logits_process import (
+    TypicalLogitsWarper,
+    UnbatchedClassifierFreeGuidanceLogitsProcessor,
+)
 from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin
 
 from guidance import ops
@@ -88,6 +91,21 @@ def _take_transformers_cfg(
         else:
             kept.append(processor)
     return kept, scale, negative_ids, negative_mask
+
+
+def _use_sort_free_typical(logits_processor: LogitsProcessorList) -> LogitsProcessorList:
+    """Swap transformers' sort-based typical warper for the exact, sort-free one (same semantics).
+
+    It keeps the same tokens except where transformers' float32 running sum decides the boundary
+    token wrongly (see :mod:`samplers.typical`); only used while guiding, so that guidance off
+    stays bit-identical to plain ``generate``.
+    """
+    from samplers.typical import LocallyTypicalWarper
+
+    return LogitsProcessorList(
+        LocallyTypicalWarper(p.mass, p.min_tokens_to_keep, p.filter_value) if type(p) is TypicalLogitsWarper else p
+        for p in logits_processor
+    )
 
 
 def _validate(model: Any, generation_config: GenerationConfig, model_kwargs: dict[str, Any], cfg_form: str) -> None:
@@ -153,6 +171,10 @@ def cfg_generate(
       ``num_steps`` is ``max_new_tokens``.
     - ``cfg_form``: ``"log_probs"`` (default; transformers' numbers) or ``"logits"``.
 
+    While guiding, the combine runs through :func:`samplers.kernels.cfg_log_softmax` (a fused
+    Triton kernel on CUDA) and ``typical_p`` uses the exact, sort-free
+    :class:`samplers.LocallyTypicalWarper` instead of transformers' sorting warper.
+
     Supported: greedy and sampling, batches, ``num_return_sequences``, the generation
     config's processors, warpers and stopping criteria, streamers, ``return_dict_in_generate``
     with ``output_scores``/``output_logits`` (the conditional rows). Beam search is rejected.
@@ -209,7 +231,7 @@ def cfg_generate(
     return _guided_loop(
         model,
         input_ids,
-        logits_processor,
+        _use_sort_free_typical(logits_processor),
         stopping_criteria,
         generation_config,
         streamer,
