@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             times = []
             for repeat in range(args.repeats + 1):
                 torch.manual_seed(repeat)
-                seconds, out = _timed(lambda kwargs=kwargs: model.generate(**inputs, **kwargs), args.device)
+                seconds, out = _timed(lambda kwargs=kwargs, inputs=inputs: model.generate(**inputs, **kwargs), args.device)
                 progress.update()
                 if repeat > 0:
                     times.append(seconds)

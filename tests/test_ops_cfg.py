@@ -8,7 +8,14 @@ import pytest
 import torch
 from transformers.generation.logits_process import ClassifierFreeGuidanceLogitsProcessor
 
-from guidance.ops import cfg, cfg_log_probs, cfg_logits, scale_from_ho_salimans, scale_to_ho_salimans, validate_scale
+from guidance.ops import (
+    cfg,
+    cfg_log_probs,
+    cfg_logits,
+    scale_from_ho_salimans,
+    scale_to_ho_salimans,
+    validate_scale,
+)
 
 NEG_INF = -math.inf
 
