@@ -213,8 +213,8 @@ def evaluate_samples(
 
 def run_setting(
     pipe, setting: Setting, labels: torch.Tensor, latents: torch.Tensor, steps: int
-) -> tuple[torch.Tensor, float]:
-    """Sample with one setting; returns ``(samples in model space, network evaluations per image)``."""
+) -> tuple[torch.Tensor, float, dict[str, Any]]:
+    """Sample with one setting: ``(samples in model space, network evaluations per image, extra stats)``."""
     if setting.build is None:
         out = pipe(
             labels,
@@ -223,7 +223,7 @@ def run_setting(
             latents=latents.clone(),
             output_type="latent",
         )
-        return out.images, float(steps)
+        return out.images, float(steps), {}
     options = setting.build()
     with attach(
         pipe, options["guider"], adaptive=options.get("adaptive"), mode=options.get("mode", "guide")
@@ -236,8 +236,15 @@ def run_setting(
             latents=latents.clone(),
             output_type="latent",
         )
-        nfe = handle.stats.evaluations_per_image
-    return out.images, nfe
+        stats = handle.stats
+    extra: dict[str, Any] = {}
+    if options.get("adaptive") is not None and any(p is not None for p in stats.passed_at):
+        retired = [p for p in stats.passed_at if p is not None]
+        extra = {
+            "retired_fraction": len(retired) / len(stats.passed_at),
+            "retired_at_mean_step": float(np.mean(retired)),
+        }
+    return out.images, stats.evaluations_per_image, extra
 
 
 def reference_rows(
@@ -264,41 +271,62 @@ def reference_rows(
     return rows
 
 
-def save_grids(grids: dict[str, list[tuple[float, torch.Tensor]]], out_dir: Path, per_row: int) -> list[Path]:
-    """One PNG per method: a panel per scale, digits 0..9 down, ``per_row`` samples across."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def mosaic(samples: torch.Tensor, labels: torch.Tensor, per_row: int, overlay: bool = False) -> np.ndarray:
+    """Digits 0..9 as rows, the first ``per_row`` samples of each class as columns, 1-pixel gaps.
+
+    Returns a grey image ``(H, W)``, or with ``overlay`` an RGB image ``(H, W, 3)`` in which pixels
+    that overshoot the data range by more than the saturation tolerance are red (too dark: ink
+    beyond 16) or blue (too light: below 0).
+    """
+    grey = to_unit_range(samples)[:, 0].numpy()
+    raw = samples[:, 0].numpy()
+    size = grey.shape[-1] + 1
+    canvas = np.ones((NUM_CLASSES * size - 1, per_row * size - 1, 3), dtype=np.float32)
+    for k in range(NUM_CLASSES):
+        members = np.flatnonzero(labels.numpy() == k)[:per_row]
+        for j, i in enumerate(members):
+            tile = np.repeat((1.0 - grey[i])[..., None], 3, axis=-1)  # ink is dark
+            if overlay:
+                tile[raw[i] > 1 + SATURATION_TOLERANCE] = (0.85, 0.1, 0.1)
+                tile[raw[i] < -1 - SATURATION_TOLERANCE] = (0.2, 0.45, 0.95)
+            canvas[k * size : k * size + size - 1, j * size : j * size + size - 1] = tile
+    return canvas if overlay else canvas[..., 0]
+
+
+def save_grids(grids: dict[str, list[tuple[float, np.ndarray]]], out_dir: Path) -> list[Path]:
+    """One PNG per method: a panel per scale (digits 0..9 down, samples across)."""
+    plt = _pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for method, panels in grids.items():
-        fig, axes = plt.subplots(1, len(panels), figsize=(1.9 * len(panels) + 0.4, 2.6), squeeze=False)
-        for ax, (scale, mosaic) in zip(axes[0], panels, strict=True):
-            ax.imshow(mosaic, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+        fig, axes = plt.subplots(1, len(panels), figsize=(1.9 * len(panels) + 0.4, 2.7), squeeze=False)
+        for ax, (scale, image) in zip(axes[0], panels, strict=True):
+            ax.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             ax.set_title(f"{'lambda' if method == 'cfgpp' else 'w'} = {scale:g}", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
         fig.suptitle(method, fontsize=10)
         fig.tight_layout()
         path = out_dir / f"digits_grid_{method}.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=130)
         plt.close(fig)
         paths.append(path)
     return paths
 
 
-def mosaic(samples: torch.Tensor, labels: torch.Tensor, per_row: int) -> np.ndarray:
-    """Digits 0..9 as rows, the first ``per_row`` samples of each class as columns, 1-pixel gaps."""
-    images = to_unit_range(samples)[:, 0].numpy()
-    size = images.shape[-1] + 1
-    canvas = np.zeros((NUM_CLASSES * size - 1, per_row * size - 1), dtype=np.float32)
-    for k in range(NUM_CLASSES):
-        members = images[labels.numpy() == k][:per_row]
-        for j, img in enumerate(members):
-            canvas[k * size : k * size + size - 1, j * size : j * size + size - 1] = img
-    return canvas
+def matplotlib_ticker():
+    import matplotlib.ticker
+
+    return matplotlib.ticker
 
 
 PLOT_STYLE = {
@@ -315,113 +343,98 @@ PLOT_STYLE = {
     "adaptive": ("tab:olive", "*"),
     "cutoff": ("tab:gray", "h"),
 }
+SWEPT = [m for m in PLOT_STYLE if m not in ("adaptive", "cutoff")]
 
 
 def plot_tradeoffs(rows: list[dict[str, Any]], references: dict[str, Any], path: Path) -> None:
-    """Four panels: accuracy vs diversity, FD vs scale, saturation vs scale, accuracy vs NFE."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Accuracy vs diversity, FD and saturation vs scale, and saturation vs FD (CFG++ included)."""
+    plt = _pyplot()
     base = next(r for r in rows if r["method"] == "unguided")
-    fig, axes = plt.subplots(2, 2, figsize=(12, 9.5))
-    (ax_div, ax_fd), (ax_sat, ax_nfe) = axes
-    for method, (color, marker) in PLOT_STYLE.items():
+    fig, axes = plt.subplots(2, 2, figsize=(12.5, 10))
+    (ax_div, ax_fd), (ax_sat, ax_pair) = axes
+    for method in SWEPT:
+        color, marker = PLOT_STYLE[method]
         mrows = [r for r in rows if r["method"] == method]
         if not mrows:
             continue
-        if method in ("adaptive", "cutoff"):
-            ax_nfe.scatter(
-                [r["nfe"] for r in mrows],
-                [r["accuracy"] for r in mrows],
-                color=color,
-                marker=marker,
-                s=60,
-                label=method,
-            )
-            for r in mrows:
-                tag = f"{r['threshold']:g}/{r['min_steps']}" if method == "adaptive" else f"{r['ratio']:g}"
-                ax_nfe.annotate(
-                    tag,
-                    (r["nfe"], r["accuracy"]),
-                    fontsize=7,
-                    xytext=(3, 3),
-                    textcoords="offset points",
-                )
-            continue
-        chain = [base, *mrows] if method != "cfgpp" else mrows
-        ax_div.plot(
+        chain = [base, *mrows]
+        # Marker area grows with the scale (CFG++: with lambda, 1 ~ the largest scale).
+        top = max(r["scale"] for r in mrows)
+        sizes = [12] + [12 + 110 * (r["scale"] / top) for r in mrows]
+        kw = {"color": color, "alpha": 0.85}
+        ax_div.plot([r["diversity"] for r in chain], [100 * r["accuracy"] for r in chain], lw=1, **kw)
+        ax_div.scatter(
             [r["diversity"] for r in chain],
-            [r["accuracy"] for r in chain],
-            color=color,
+            [100 * r["accuracy"] for r in chain],
+            s=sizes,
             marker=marker,
             label=method,
+            **kw,
         )
-        for r in mrows:
-            ax_div.annotate(
-                f"{r['scale']:g}",
-                (r["diversity"], r["accuracy"]),
-                fontsize=7,
-                color=color,
-                xytext=(3, -9),
-                textcoords="offset points",
-            )
+        ax_pair.plot([r["fd"] for r in chain], [100 * r["saturation"] for r in chain], lw=1, **kw)
+        ax_pair.scatter(
+            [r["fd"] for r in chain],
+            [100 * r["saturation"] for r in chain],
+            s=sizes,
+            marker=marker,
+            label=method,
+            **kw,
+        )
         if method != "cfgpp":
             xs = [1.0] + [r["scale"] for r in mrows]
-            ax_fd.plot(xs, [r["fd"] for r in chain], color=color, marker=marker, label=method)
-            ax_sat.plot(xs, [100 * r["saturation"] for r in chain], color=color, marker=marker, label=method)
-        if method in ("cfg", "interval", "linear"):
-            ax_nfe.plot(
-                [r["nfe"] for r in mrows],
-                [r["accuracy"] for r in mrows],
-                color=color,
-                marker=marker,
-                alpha=0.5,
-                label=f"{method} (scale sweep)",
-            )
-    for name, marker in (("data_heldout", "*"), ("data_train_subset", "d")):
+            ax_fd.plot(xs, [r["fd"] for r in chain], marker=marker, label=method, **kw)
+            ax_sat.plot(xs, [100 * r["saturation"] for r in chain], marker=marker, label=method, **kw)
+    for name, marker, text in (
+        ("data_heldout", "*", "held-out digits"),
+        ("data_train_subset", "d", "training digits"),
+    ):
         ref = references[name]
         ax_div.scatter(
             [ref["diversity"]],
-            [ref["accuracy"]],
+            [100 * ref["accuracy"]],
             color="gold",
             edgecolor="black",
             marker=marker,
-            s=160,
+            s=180,
             zorder=5,
-            label=name.replace("_", " "),
+            label=text,
         )
     ax_div.scatter(
         [base["diversity"]],
-        [base["accuracy"]],
+        [100 * base["accuracy"]],
         color="white",
         edgecolor="black",
-        s=80,
+        s=90,
         zorder=5,
         label="unguided (w=1)",
     )
-    ax_div.set_xlabel("within-class diversity (judge features)  ->  more diverse")
-    ax_div.set_ylabel("judge accuracy of the requested class")
-    ax_div.set_title("Accuracy vs diversity (labels: scale; CFG++: lambda)")
-    ax_div.legend(fontsize=7, ncol=2)
-    ax_fd.axhline(references["data_train_subset"]["fd"], color="gold", ls="--", label="real training digits")
-    ax_fd.set_xlabel("guidance scale w (mean scale for schedules)")
-    ax_fd.set_ylabel("Frechet distance to held-out digits (judge features)")
-    ax_fd.set_title("Distribution distance (lower is better)")
+    ax_div.set_xlabel("within-class diversity (mean pairwise distance of judge features)")
+    ax_div.set_ylabel("judge accuracy of the requested class (%)")
+    ax_div.set_title("Accuracy vs diversity (marker size grows with the scale)")
+    ax_div.legend(fontsize=7, ncol=2, loc="lower left")
+    ax_fd.axhline(
+        references["data_train_subset"]["fd"], color="goldenrod", ls="--", label="training digits (floor)"
+    )
+    ax_fd.set_xlabel("guidance scale w (mean scale for linear/cosine)")
+    ax_fd.set_ylabel("Frechet distance to held-out digits")
+    ax_fd.set_title("Frechet distance in the judge's feature space (lower is better)")
     ax_fd.set_yscale("log")
     ax_fd.legend(fontsize=7, ncol=2)
-    ax_sat.set_xlabel("guidance scale w (mean scale for schedules)")
-    ax_sat.set_ylabel("% pixels clipped (beyond data range by > half a grey level)")
+    ax_sat.set_xlabel("guidance scale w (mean scale for linear/cosine)")
+    ax_sat.set_ylabel("% pixels beyond the data range (> half a grey level)")
     ax_sat.set_title("Saturation")
     ax_sat.legend(fontsize=7, ncol=2)
-    ax_nfe.axhline(base["accuracy"], color="gray", ls=":", label="unguided")
-    ax_nfe.set_xlabel("network evaluations per image")
-    ax_nfe.set_ylabel("judge accuracy")
-    ax_nfe.set_title(
-        f"Saving evaluations at w={ADAPTIVE_SCALE:g} (labels: threshold/min_steps, cut-off ratio)"
-    )
-    ax_nfe.legend(fontsize=7)
+    ax_pair.set_xscale("log")
+    log_ticks = [4, 5, 7, 10, 15, 20, 30, 40, 60, 80]
+    ax_fd.set_yticks(log_ticks)
+    ax_pair.set_xticks(log_ticks)
+    for axis in (ax_fd.yaxis, ax_pair.xaxis):
+        axis.set_major_formatter(matplotlib_ticker().FormatStrFormatter("%g"))
+        axis.set_minor_formatter(matplotlib_ticker().NullFormatter())
+    ax_pair.set_xlabel("Frechet distance to held-out digits (log)")
+    ax_pair.set_ylabel("% pixels beyond the data range")
+    ax_pair.set_title("Saturation vs Frechet distance (lower left is better)")
+    ax_pair.legend(fontsize=7, ncol=2)
     for ax in axes.flat:
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -430,28 +443,99 @@ def plot_tradeoffs(rows: list[dict[str, Any]], references: dict[str, Any], path:
     plt.close(fig)
 
 
+def plot_evaluations(rows: list[dict[str, Any]], path: Path) -> None:
+    """Accuracy and FD against network evaluations per image, at the adaptive-guidance scale."""
+    plt = _pyplot()
+    w = ADAPTIVE_SCALE
+    fixed = [
+        r
+        for r in rows
+        if r["method"] == "unguided" or (r["method"] in ("cfg", "interval", "linear") and r["scale"] == w)
+    ]
+    adaptive = [r for r in rows if r["method"] == "adaptive"]
+    cutoff = [r for r in rows if r["method"] == "cutoff"]
+    points: list[tuple[dict[str, Any], str, Any, str]] = []
+    for r in fixed:
+        color, marker = PLOT_STYLE.get(r["method"], ("white", "o"))
+        tag = "unguided" if r["method"] == "unguided" else f"{r['method']} w={r['scale']:g}"
+        points.append((r, tag, color, marker))
+    greens = plt.get_cmap("viridis")
+    for i, r in enumerate(adaptive):
+        tag = f"adaptive: cos > {r['threshold']:g}" + (
+            f", min_steps {r['min_steps']}" if r["min_steps"] else ""
+        )
+        points.append((r, tag, greens(0.35 + 0.6 * i / max(1, len(adaptive) - 1)), "*"))
+    greys = plt.get_cmap("Greys")
+    for i, r in enumerate(cutoff):
+        points.append(
+            (
+                r,
+                f"cut-off after {r['ratio']:g} of the steps",
+                greys(0.35 + 0.6 * i / max(1, len(cutoff) - 1)),
+                "h",
+            )
+        )
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for ax, key, label in (
+        (axes[0], "accuracy", "judge accuracy (%)"),
+        (axes[1], "fd", "Frechet distance (lower is better)"),
+    ):
+        for r, tag, color, marker in points:
+            y = 100 * r[key] if key == "accuracy" else r[key]
+            ax.scatter(
+                [r["nfe"]],
+                [y],
+                color=color,
+                marker=marker,
+                s=110,
+                edgecolor="black",
+                linewidth=0.5,
+                zorder=3,
+                label=tag,
+            )
+        ax.set_xlabel("network evaluations per image (25 DDIM steps)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_title(f"Adaptive guidance and cut-offs vs CFG at w={w:g}")
+    axes[1].set_title("Distribution distance at the same budget")
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+README_GRID = (
+    "unguided@1",
+    "cfg@8",
+    "apg_paper@8",
+    "apg_paper_momentum@8",
+    "rescale@8",
+    "cosine@8",
+    "interval@8",
+    "cfgpp@1",
+)
+
+
 def plot_readme_grid(
     samples: dict[str, torch.Tensor], labels: torch.Tensor, path: Path, per_row: int
 ) -> None:
-    """CFG vs APG vs rescale at a low and a high scale, next to the unguided model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """The README's grid: one panel per setting, pixels clipped by saturation in red/blue."""
+    plt = _pyplot()
     keys = list(samples)
-    fig, axes = plt.subplots(1, len(keys), figsize=(1.75 * len(keys) + 0.4, 2.9), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(1.55 * len(keys) + 0.3, 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
-        ax.imshow(
-            mosaic(samples[key], labels, per_row), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest"
-        )
+        ax.imshow(mosaic(samples[key], labels, per_row, overlay=True), interpolation="nearest")
         method, scale = key.split("@")
-        ax.set_title(f"{method}\n{'lambda' if method == 'cfgpp' else 'w'}={scale}", fontsize=9)
+        ax.set_title(
+            f"{method.replace('_', ' ')}\n{'lambda' if method == 'cfgpp' else 'w'} = {scale}", fontsize=8
+        )
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
+    fig.suptitle("red / blue: pixels beyond the data range (clipped on display)", fontsize=8, y=0.035)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=150)
     plt.close(fig)
 
 
@@ -488,7 +572,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--weights-dir", type=Path, default=None, help="model and judge weights (default: shipped)"
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: 5 per class, 6 steps, two scales")
+    parser.add_argument(
+        "--replot", action="store_true", help="redraw the trade-off plots from --json without sampling"
+    )
     args = parser.parse_args(argv)
+    if args.replot:
+        result = json.loads(args.json.read_text())
+        print_table([{"name": k, **v} for k, v in result["references"].items()] + result["rows"])
+        plot_tradeoffs(result["rows"], result["references"], args.images_dir / "digits_guidance_tradeoff.png")
+        plot_evaluations(result["rows"], args.images_dir / "digits_guidance_nfe.png")
+        return result
     if args.quick:
         args.per_class, args.steps, args.scales, args.lambdas = 5, 6, [2.0, 5.0], [0.6]
     if args.per_class < 2:
@@ -513,12 +606,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     grids: dict[str, list[tuple[float, np.ndarray]]] = {}
     kept: dict[str, torch.Tensor] = {}
     per_row = min(8, args.per_class)
-    readme_keys = {"unguided@1", "cfg@3", "apg_paper@3", "cfg@8", "apg_paper@8", "rescale@8", "cfgpp@0.6"}
     bar = tqdm(settings, desc="digits guidance sweep", unit="setting")
     for setting in bar:
         bar.set_postfix_str(setting.name)
         start = time.perf_counter()
-        samples, nfe = run_setting(pipe, setting, labels, latents, args.steps)
+        samples, nfe, stats = run_setting(pipe, setting, labels, latents, args.steps)
         seconds = time.perf_counter() - start
         if not bool(torch.isfinite(samples).all()):
             raise RuntimeError(f"{setting.name} produced non-finite samples.")
@@ -530,11 +622,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             **setting.extra,
         }
         row |= evaluate_samples(samples, labels, judge, heldout_features)
-        row |= {"nfe": nfe, "seconds": round(seconds, 2)}
+        row |= {"nfe": nfe, "seconds": round(seconds, 2), **stats}
         rows.append(row)
         if not setting.extra:
             grids.setdefault(setting.method, []).append((setting.scale, mosaic(samples, labels, per_row)))
-        if setting.name in readme_keys:
+        if setting.name in README_GRID:
             kept[setting.name] = samples
 
     base = grids.pop("unguided")[0]
@@ -560,14 +652,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print_table([{"name": k, **v} for k, v in references.items()] + rows)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n")
-    save_grids(grids, args.grids_dir, per_row)
+    save_grids(grids, args.grids_dir)
     plot_tradeoffs(rows, references, args.images_dir / "digits_guidance_tradeoff.png")
-    order = ["unguided@1", "cfg@3", "apg_paper@3", "cfg@8", "apg_paper@8", "rescale@8", "cfgpp@0.6"]
+    plot_evaluations(rows, args.images_dir / "digits_guidance_nfe.png")
     plot_readme_grid(
-        {k: kept[k] for k in order if k in kept}, labels, args.images_dir / "digits_grid.png", per_row
+        {k: kept[k] for k in README_GRID if k in kept},
+        labels,
+        args.images_dir / "digits_grid.png",
+        min(6, per_row),
     )
     print(
-        f"wrote {args.json}, {args.grids_dir}/, {args.images_dir}/digits_guidance_tradeoff.png, digits_grid.png",
+        f"wrote {args.json}, {args.grids_dir}/ and, in {args.images_dir}/, digits_guidance_tradeoff.png, "
+        "digits_guidance_nfe.png, digits_grid.png",
         file=sys.stderr,
     )
     return result
