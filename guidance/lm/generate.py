@@ -49,10 +49,8 @@ _SUPPORTED_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
 def _combine_fn(cfg_form: str) -> Callable[[Tensor, Tensor, float], Tensor]:
     if cfg_form == "logits":
         return ops.cfg_logits
-    try:  # fused Triton kernel on CUDA, guidance.ops.cfg_log_probs elsewhere
-        from samplers.kernels import cfg_log_softmax
-    except ImportError:
-        return ops.cfg_log_probs
+    from samplers.kernels import cfg_log_softmax  # fused Triton kernel on CUDA, ops.cfg_log_probs elsewhere
+
     return cfg_log_softmax
 
 
