@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from guidance.ops._common import Scale, _as_batch_scale, _check_pair, _is_one, _keep_cond_where_one, _work_dtype
+from guidance.ops._common import (
+    Scale,
+    _as_batch_scale,
+    _check_pair,
+    _is_one,
+    _keep_cond_where_one,
+    _work_dtype,
+)
 from guidance.validation import check_choice as _check_choice
 from guidance.validation import check_finite as _check_finite
 from guidance.validation import check_int as _check_int
