@@ -14,7 +14,10 @@ from the same initial noise with DDIM (``--steps``, default 25, eta 0) and repor
 
 Methods: CFG, APG (paper form on x0, and diffusers' form on eps), guidance rescale,
 CFG-Zero*, CFG++ (its scale is lambda in [0, 1]), linear and cosine increasing schedules
-at equal mean scale, the guidance interval, adaptive guidance and a fixed-ratio cut-off.
+at equal mean scale, the guidance interval, adaptive guidance and a fixed-ratio cut-off; and
+the prediction-only guiders TCFG, FDG, MAMBO-G, APG-mix, CFGNorm, CFG-Renorm, Mahiro, FreSca,
+plus ICG and TSG (their reference branch is evaluated by a small wrapper here, see
+``reference_branch``).
 Writes a JSON table, the plots and image grids, and prints the table.
 
 Run (about 20-40 minutes on 2 busy CPU cores; ``--quick`` for a smoke run):
@@ -35,12 +38,28 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers.models.unets.unet_2d import UNet2DOutput
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from guidance.adaptive import AdaptiveGuidance, RatioCutoff  # noqa: E402
 from guidance.diffusion import attach  # noqa: E402
-from guidance.guiders import APG, CFG, CFGZeroStar, RescaledCFG  # noqa: E402
+from guidance.guiders import (  # noqa: E402
+    APG,
+    CFG,
+    APGMix,
+    CFGNorm,
+    CFGZeroStar,
+    FrequencyDecoupled,
+    FreSca,
+    IndependentCondition,
+    MagnitudeAware,
+    RenormCFG,
+    RescaledCFG,
+    SimilarityAdaptive,
+    TangentialCFG,
+    TimestepGuidance,
+)
 from guidance.models.digits import (  # noqa: E402
     NUM_CLASSES,
     load_digits_pipeline,
@@ -82,6 +101,26 @@ class Setting:
     def name(self) -> str:
         suffix = "".join(f",{k}={v}" for k, v in self.extra.items())
         return f"{self.method}@{self.scale:g}{suffix}"
+
+
+# The guiders of issue 12. FDG: w on the fine band, (w + 1) / 2 on the coarse one (the paper's
+# high/low split); FreSca: cutoff 2 (the node's 20 covers all of an 8 x 8 latent, i.e. plain CFG).
+NEW_GUIDERS: dict[str, tuple[Callable[[float], Any], str]] = {
+    "tcfg": (lambda w: TangentialCFG(w), "eps space"),
+    "fdg": (lambda w: FrequencyDecoupled((w, (w + 1) / 2)), "fine band w, coarse (w+1)/2"),
+    "mambo_g": (lambda w: MagnitudeAware(w, alpha=8.0), "alpha=8, eps space"),
+    "apg_mix": (
+        lambda w: APGMix(w, apg_scale=w, momentum=-0.5, norm_threshold=10.0, apg_start_step=5),
+        "CFG for steps 0-5, then APG (diffusers form, beta=-0.5, r=10)",
+    ),
+    "cfg_norm": (lambda w: CFGNorm(w), "x0 space (ComfyUI)"),
+    "renorm": (lambda w: RenormCFG(w, renorm=1.0), "rho=1, eps space"),
+    "mahiro": (lambda w: SimilarityAdaptive(w), "x0 space, per sample"),
+    "fresca": (lambda w: FreSca(w, scale_low=1.0, scale_high=1.25, freq_cutoff=2), "low 1.0, high 1.25, cutoff 2"),
+    "icg": (lambda w: IndependentCondition(w, num_classes=NUM_CLASSES), "random class label per step"),
+    "tsg": (lambda w: TimestepGuidance(w), "s=3, a=0.25, t/1000, times std"),
+}
+REFERENCE_BRANCH_METHODS = ("icg", "tsg")
 
 
 def build_settings(
@@ -130,6 +169,8 @@ def build_settings(
                 f"w for sigma in ({INTERVAL_SIGMA[0]}, {INTERVAL_SIGMA[1]}]",
             ),
         ]
+        for method, (make, note) in NEW_GUIDERS.items():
+            settings.append(Setting(method, w, lambda w=w, make=make: {"guider": make(w)}, note))
     top = max(scales)
     settings.append(
         Setting(
@@ -225,6 +266,10 @@ def run_setting(
         )
         return out.images, float(steps), {}
     options = setting.build()
+    if setting.method in REFERENCE_BRANCH_METHODS:
+        with reference_branch(pipe, options["guider"]) as branch:
+            out = pipe(labels, guidance_scale=2.0, num_inference_steps=steps, latents=latents.clone(), output_type="latent")
+        return out.images, branch.evaluations / len(labels), {}
     with attach(
         pipe, options["guider"], adaptive=options.get("adaptive"), mode=options.get("mode", "guide")
     ) as handle:
@@ -245,6 +290,49 @@ def run_setting(
             "retired_at_mean_step": float(np.mean(retired)),
         }
     return out.images, stats.evaluations_per_image, extra
+
+
+class reference_branch:
+    """Evaluate ICG's / TSG's reference branch on the digits pipeline (stand-in for attach's branches).
+
+    The pipeline's ``[uncond, cond]`` call becomes ``[reference, cond]``: both halves get the
+    conditional labels, and the guider's perturbation hook acts on the first half; the guider
+    combines ``cond`` with the reference. Off steps (scale 1) evaluate the conditional rows only.
+    """
+
+    def __init__(self, pipe, guider):
+        self.pipe, self.guider, self.unet = pipe, guider, pipe.unet
+        self.hook = guider.perturbation()
+        self.evaluations = 0
+        self._original = self.unet.forward
+
+    def __enter__(self):
+        self.guider.reset()
+        self.unet.forward = self._forward
+        return self
+
+    def __exit__(self, *exc):
+        del self.unet.forward
+
+    def _forward(self, sample, timestep, class_labels=None, **kwargs):
+        timesteps = self.pipe.scheduler.timesteps
+        step = int((timesteps == timestep).nonzero()[0])
+        num = len(timesteps)
+        if step == 0:
+            self.guider.reset()
+        half = sample.shape[0] // 2
+        cond_labels = class_labels[half:]
+        if not self.guider.needs_reference(step, num):
+            self.evaluations += half
+            cond = self._original(sample[half:], timestep, class_labels=cond_labels, **kwargs).sample
+            guided = self.guider(cond, None, step=step, num_steps=num)
+        else:
+            self.evaluations += 2 * half
+            with self.hook.apply(self.unet, slice(0, half)):
+                both = self._original(sample, timestep, class_labels=cond_labels.repeat(2), **kwargs).sample
+            reference, cond = both[:half], both[half:]
+            guided = self.guider(cond, None, step=step, num_steps=num, **{self.guider.branch: reference})
+        return UNet2DOutput(sample=torch.cat([guided, guided]))
 
 
 def reference_rows(
@@ -342,6 +430,16 @@ PLOT_STYLE = {
     "interval": ("tab:purple", "X"),
     "adaptive": ("tab:olive", "*"),
     "cutoff": ("tab:gray", "h"),
+    "tcfg": ("darkgreen", "o"),
+    "fdg": ("navy", "s"),
+    "mambo_g": ("teal", "D"),
+    "apg_mix": ("crimson", "^"),
+    "cfg_norm": ("gold", "v"),
+    "renorm": ("darkorange", "P"),
+    "mahiro": ("magenta", "<"),
+    "fresca": ("slateblue", ">"),
+    "icg": ("sienna", "X"),
+    "tsg": ("darkslategray", "*"),
 }
 SWEPT = [m for m in PLOT_STYLE if m not in ("adaptive", "cutoff")]
 

@@ -496,3 +496,228 @@ def test_repr_names_the_configuration():
     assert "apg_start_step=5" in repr(APGMix())
     assert "freq_cutoff=20" in repr(FreSca())
     assert math.isclose(FrequencyDecoupled().level_scales(0)[1], 5.0)
+
+
+# ------------------------------------------------------------------------------------------ modular components
+
+
+def _drive_ours_and_reference(ours, reference, steps=4, shape=(2, 4, 8, 8)):
+    for run in range(2):
+        mine, theirs = _drive(ours, steps, shape), _drive(reference, steps, shape)
+        yield run, mine, theirs
+
+
+def test_modular_components_match_diffusers_guiders():
+    from guidance.diffusion.modular import APGMixGuidance, MAMBOGuidance, TCFGGuidance
+
+    pairs = [
+        (TCFGGuidance(guidance_scale=5.0), TangentialClassifierFreeGuidance(guidance_scale=5.0), (2, 4, 8, 8), 1e-4),
+        (MAMBOGuidance(guidance_scale=6.0, alpha=4.0), MagnitudeAwareGuidance(guidance_scale=6.0, alpha=4.0), (2, 8, 4), 0.0),
+        (
+            APGMixGuidance(guidance_scale=3.0, apg_scale=6.0, apg_start_step=1),
+            AdaptiveProjectedMixGuidance(
+                guidance_scale=3.0, adaptive_projected_guidance_scale=6.0, adaptive_projected_guidance_start_step=1
+            ),
+            (2, 4, 8, 8),
+            0.0,
+        ),
+    ]
+    for ours, reference, shape, tol in pairs:
+        for _run, mine, theirs in _drive_ours_and_reference(ours, reference, shape=shape):
+            for a, b in zip(mine, theirs, strict=True):
+                torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_fdg_component_matches_diffusers_when_kornia_is_installed():
+    pytest.importorskip("kornia")
+    from diffusers.guiders import FrequencyDecoupledGuidance
+
+    from guidance.diffusion.modular import FDGGuidance
+
+    for _run, mine, theirs in _drive_ours_and_reference(
+        FDGGuidance(guidance_scales=[8.0, 3.0], parallel_weights=0.5),
+        FrequencyDecoupledGuidance(guidance_scales=[8.0, 3.0], parallel_weights=[0.5, 0.5]),
+    ):
+        for a, b in zip(mine, theirs, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "component,guider",
+    [
+        ("CFGNormGuidance", lambda: CFGNorm(4.0, 0.9, space="prediction")),
+        ("RenormCFGGuidance", lambda: RenormCFG(4.0, 1.2)),
+        ("MahiroGuidance", lambda: SimilarityAdaptive(4.0, space="prediction")),
+        ("FreScaGuidance", lambda: FreSca(4.0, 0.8, 1.5, 2)),
+        ("FDGGuidance", lambda: FrequencyDecoupled((4.0, 2.0))),
+    ],
+)
+def test_modular_components_equal_their_guider_and_round_trip(component, guider, tmp_path):
+    from guidance.diffusion import modular
+
+    kwargs = {
+        "CFGNormGuidance": {"guidance_scale": 4.0, "strength": 0.9},
+        "RenormCFGGuidance": {"guidance_scale": 4.0, "renorm": 1.2},
+        "MahiroGuidance": {"guidance_scale": 4.0},
+        "FreScaGuidance": {"guidance_scale": 4.0, "scale_low": 0.8, "scale_high": 1.5, "freq_cutoff": 2},
+        "FDGGuidance": {"guidance_scales": [4.0, 2.0]},
+    }[component]
+    cls = getattr(modular, component)
+    ours = cls(**kwargs)
+    ours.save_pretrained(tmp_path)
+    loaded = cls.from_pretrained(tmp_path)
+    reference = guider()
+    for step, (a, b) in enumerate(zip(_drive(ours, 3), _drive(loaded, 3), strict=True)):
+        cond, uncond = _pair(seed=step)
+        assert torch.equal(a, b)
+        assert torch.equal(a, reference(cond, uncond, step=step, num_steps=3))
+    off = cls(**{**kwargs, **({"guidance_scales": [1.0, 1.0]} if component == "FDGGuidance" else {"guidance_scale": 1.0})})
+    off.set_state(step=0, num_inference_steps=3, timestep=torch.tensor(999))
+    assert off.num_conditions == 1
+
+
+def test_renorm_component_trunc_skips_the_unconditional_batch():
+    from guidance.diffusion.modular import RenormCFGGuidance
+
+    guider = RenormCFGGuidance(guidance_scale=4.0, trunc=0.5)
+    counts = []
+    for step in range(4):
+        guider.set_state(step=step, num_inference_steps=4, timestep=torch.tensor(999 - step))
+        counts.append(guider.num_conditions)
+    assert counts == [2, 2, 1, 1]
+
+
+# ------------------------------------------------------------------------------------------ attach
+
+
+@pytest.fixture(scope="module")
+def tiny_sd():
+    from guidance.diffusion.testing import tiny_stable_diffusion
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tiny_stable_diffusion()
+    torch.set_num_threads(threads)
+
+
+def _sd_run(pipe, **kwargs):
+    kwargs.setdefault("negative_prompt", ["blur", "ugly"])
+    return pipe(
+        ["a cat", "dog"],
+        num_images_per_prompt=2,
+        num_inference_steps=3,
+        height=16,
+        width=16,
+        output_type="latent",
+        generator=[torch.Generator().manual_seed(i) for i in range(4)],
+        **kwargs,
+    ).images
+
+
+ATTACH_GUIDERS = {
+    "tcfg": lambda w: TangentialCFG(w),
+    "fdg": lambda w: FrequencyDecoupled((w, w)),
+    "mambo_g": lambda w: MagnitudeAware(w),
+    "apg_mix": lambda w: APGMix(w, apg_scale=w, apg_start_step=0),
+    "cfg_norm": lambda w: CFGNorm(w),  # x0 space through the scheduler's noise level
+    "renorm": lambda w: RenormCFG(w, renorm=1.0),
+    "mahiro": lambda w: SimilarityAdaptive(w),
+    "fresca": lambda w: FreSca(w, freq_cutoff=1),
+}
+
+
+@pytest.mark.parametrize("name", list(ATTACH_GUIDERS))
+def test_attach_scale_one_is_the_plain_pipeline_and_guidance_changes_it(tiny_sd, name):
+    from guidance.diffusion import attach
+
+    plain = _sd_run(tiny_sd, guidance_scale=1.0, negative_prompt=None)
+    with attach(tiny_sd, ATTACH_GUIDERS[name](1.0)) as handle:
+        off = _sd_run(tiny_sd, guidance_scale=3.0)
+    assert torch.equal(off, plain) and handle.stats.uncond_rows == 0
+    cfg = _sd_run(tiny_sd, guidance_scale=4.0)
+    with attach(tiny_sd, ATTACH_GUIDERS[name](4.0)) as handle:
+        guided = _sd_run(tiny_sd, guidance_scale=2.0)
+    assert bool(torch.isfinite(guided).all()) and handle.stats.evaluations == 2 * 4 * 3
+    assert not torch.equal(guided, plain)
+    if name != "fdg":  # FDG with equal band scales is CFG up to rounding
+        assert not torch.allclose(guided, cfg, atol=1e-6)
+
+
+def test_attach_fdg_with_equal_band_scales_is_cfg(tiny_sd):
+    from guidance.diffusion import attach
+
+    cfg = _sd_run(tiny_sd, guidance_scale=4.0)
+    with attach(tiny_sd, FrequencyDecoupled((4.0, 4.0))):
+        torch.testing.assert_close(_sd_run(tiny_sd, guidance_scale=2.0), cfg, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tcfg", "mahiro", "fresca"])
+def test_attach_on_the_digits_pipeline(name):
+    from guidance.diffusion import attach
+    from guidance.models import load_digits_pipeline
+
+    pipe = load_digits_pipeline("ddim")
+
+    def sample(scale):
+        return pipe([3, 7], num_images_per_prompt=2, guidance_scale=scale, num_inference_steps=4,
+                    generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+    plain = sample(1.0)
+    with attach(pipe, ATTACH_GUIDERS[name](1.0)):
+        assert torch.equal(sample(2.0), plain)
+    with attach(pipe, ATTACH_GUIDERS[name](3.0)) as handle:
+        guided = sample(2.0)
+    assert bool(torch.isfinite(guided).all()) and not torch.equal(guided, plain)
+    assert handle.stats.evaluations_per_image == 8
+
+
+# ------------------------------------------------------------------------------------------ ICG / TSG hooks
+
+
+def test_random_condition_hook_on_the_digits_unet_changes_only_its_rows():
+    from guidance.diffusion.condition_hooks import RandomCondition
+    from guidance.models import load_digits_pipeline
+
+    unet = load_digits_pipeline().unet
+    x, labels = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 3, 7, 7])
+    plain = unet(x, 500, class_labels=labels).sample
+    hook = RandomCondition(num_classes=10, seed=3)
+    with hook.apply(unet, slice(0, 2)):
+        first = unet(x, 500, class_labels=labels).sample
+    assert torch.equal(first[2:], plain[2:]) and not torch.equal(first[:2], plain[:2])
+    hook.reset()
+    with hook.apply(unet, slice(0, 2)):
+        again = unet(x, 500, class_labels=labels).sample
+    assert torch.equal(again, first)  # seeded: reset restarts the stream
+    # the reference equals the model under the drawn labels
+    drawn = ops.random_labels_like(labels[:2], 10, generator=torch.Generator().manual_seed(3))
+    direct = unet(x[:2], 500, class_labels=drawn).sample
+    torch.testing.assert_close(first[:2], direct, rtol=1e-5, atol=1e-5)
+    assert not unet.class_embedding._forward_pre_hooks  # removed on exit
+    with pytest.raises(RuntimeError), hook.apply(unet, None):
+        unet(x, 500, class_labels=labels[:1].float())  # the forward fails inside: hooks still removed
+    assert not unet.class_embedding._forward_pre_hooks
+
+
+def test_random_condition_hook_on_text_cross_attention_and_perturbed_timestep(tiny_sd):
+    from guidance.diffusion.condition_hooks import PerturbedTimestep, RandomCondition
+
+    unet = tiny_sd.unet
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, unet.config.in_channels, 8, 8, generator=gen)
+    text = torch.randn(2, 4, unet.config.cross_attention_dim, generator=gen)
+    plain = unet(x, 500, encoder_hidden_states=text).sample
+    state = torch.get_rng_state()
+    for hook in (RandomCondition(), PerturbedTimestep()):
+        with hook.apply(unet, slice(1, 2)):
+            out = unet(x, 500, encoder_hidden_states=text).sample
+        assert torch.equal(out[0], plain[0]) and not torch.allclose(out[1], plain[1])
+        assert not any(m._forward_pre_hooks or m._forward_hooks for m in unet.modules())
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_icg_guider_branches_name_the_reference_and_its_hook():
+    guider = IndependentCondition(3.0, num_classes=10)
+    hook = guider.perturbation()
+    assert hook.per_row and hook.num_classes == 10 and guider.branch == "independent"
+    assert TimestepGuidance(2.0).perturbation().noise_scale == 3.0

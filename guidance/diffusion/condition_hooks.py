@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from guidance import ops
-from guidance.validation import check_int
+from guidance.validation import check_int, check_range
 
 __all__ = ["RandomCondition", "PerturbedTimestep"]
 
@@ -182,8 +183,9 @@ class PerturbedTimestep(_SeededHook):
         seed: int = 0,
     ):
         super().__init__(seed)
-        ops.perturb_time_embedding(torch.zeros(1, 1), 0.0, noise_scale=noise_scale, power=power, time_scale=time_scale)
-        self.noise_scale, self.power, self.time_scale = noise_scale, power, time_scale
+        self.noise_scale = check_range(noise_scale, "noise_scale", 0.0, math.inf, hi_open=True)
+        self.power = check_range(power, "power", 0.0, math.inf, hi_open=True)
+        self.time_scale = check_range(time_scale, "time_scale", 0.0, math.inf, lo_open=True, hi_open=True)
         self.scale_by_std = bool(scale_by_std)
 
     def apply(self, module: nn.Module, rows: slice | None) -> contextlib.AbstractContextManager[None]:
