@@ -721,3 +721,19 @@ def test_icg_guider_branches_name_the_reference_and_its_hook():
     hook = guider.perturbation()
     assert hook.per_row and hook.num_classes == 10 and guider.branch == "independent"
     assert TimestepGuidance(2.0).perturbation().noise_scale == 3.0
+
+
+def test_condition_hooks_on_a_dit_transformer():
+    from guidance.diffusion.condition_hooks import PerturbedTimestep, RandomCondition
+    from guidance.diffusion.testing import tiny_dit
+
+    transformer = tiny_dit().transformer
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, transformer.config.in_channels, 8, 8, generator=gen)
+    t, labels = torch.tensor([500, 500]), torch.tensor([1, 1])
+    plain = transformer(x, timestep=t, class_labels=labels).sample
+    for hook in (RandomCondition(seed=1), PerturbedTimestep()):
+        with hook.apply(transformer, slice(0, 1)):
+            out = transformer(x, timestep=t, class_labels=labels).sample
+        assert torch.equal(out[1], plain[1]) and not torch.allclose(out[0], plain[0]), hook
+    assert RandomCondition()._class_modules(transformer)[0][1] == transformer.config.num_embeds_ada_norm
