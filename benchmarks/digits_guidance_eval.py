@@ -119,8 +119,9 @@ NEW_GUIDERS: dict[str, tuple[Callable[[float], Any], str]] = {
     "fresca": (lambda w: FreSca(w, scale_low=1.0, scale_high=1.25, freq_cutoff=2), "low 1.0, high 1.25, cutoff 2"),
     "icg": (lambda w: IndependentCondition(w, num_classes=NUM_CLASSES), "random class label per step"),
     "tsg": (lambda w: TimestepGuidance(w), "s=3, a=0.25, t/1000, times std"),
+    "tsg_gentle": (lambda w: TimestepGuidance(w, noise_scale=1.0), "s=1 (the reported s=3 breaks this model)"),
 }
-REFERENCE_BRANCH_METHODS = ("icg", "tsg")
+REFERENCE_BRANCH_METHODS = ("icg", "tsg", "tsg_gentle")
 
 
 def build_settings(
@@ -440,6 +441,7 @@ PLOT_STYLE = {
     "fresca": ("slateblue", ">"),
     "icg": ("sienna", "X"),
     "tsg": ("darkslategray", "*"),
+    "tsg_gentle": ("silver", "*"),
 }
 SWEPT = [m for m in PLOT_STYLE if m not in ("adaptive", "cutoff")]
 
