@@ -21,7 +21,7 @@ from diffusers.callbacks import SDCFGCutoffCallback
 
 from guidance.adaptive import AdaptiveGuidance, RatioCutoff
 from guidance.diffusion import CFGCutoffCallback, ScheduleCallback, attach, detach
-from guidance.diffusion.classic import schedule_sigma
+from guidance.diffusion.schedulers import schedule_sigma
 from guidance.diffusion.testing import (
     tiny_dit,
     tiny_flux_transformer,

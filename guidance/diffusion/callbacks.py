@@ -26,7 +26,7 @@ from diffusers.callbacks import PipelineCallback
 from diffusers.configuration_utils import register_to_config
 from torch import Tensor
 
-from guidance.diffusion.classic import noise_level_at, schedule_sigma
+from guidance.diffusion.schedulers import noise_level_at, schedule_sigma
 from guidance.schedules import Schedule, as_schedule
 
 __all__ = ["CONDITIONING_TENSOR_INPUTS", "CFGCutoffCallback", "ScheduleCallback", "conditioning_inputs"]
