@@ -20,7 +20,7 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.callbacks import SDCFGCutoffCallback
 
 from guidance.adaptive import AdaptiveGuidance, RatioCutoff
-from guidance.diffusion import CFGCutoffCallback, ScheduleCallback, attach, detach
+from guidance.diffusion import CFGCutoffCallback, ScheduleCallback, attach, conditioning_inputs, detach
 from guidance.diffusion.schedulers import schedule_sigma
 from guidance.diffusion.testing import (
     tiny_dit,
@@ -400,6 +400,36 @@ def test_schedule_callback_warns_about_the_first_step_and_scales_below_one(sd):
     messages = " ".join(str(w.message) for w in record)
     assert "Step 0 ran at the pipeline's guidance_scale=2.0" in messages
     assert "scale 0.5" in messages
+
+
+def test_step_callbacks_run_on_every_shipped_pipeline(text_pipe):
+    pipe, extra = text_pipe
+    seen = []
+
+    def callback(pipeline, step, timestep, callback_kwargs):
+        seen.append((step, sorted(callback_kwargs)))
+        if step == STEPS - 1:
+            return {"latents": torch.zeros_like(callback_kwargs["latents"])}
+        return callback_kwargs
+
+    names = ["latents", *conditioning_inputs(pipe)]
+    with attach(pipe, CFG(3.0)):
+        out = run(
+            pipe,
+            extra,
+            guidance_scale=2.0,
+            callback_on_step_end=callback,
+            callback_on_step_end_tensor_inputs=names,
+        )
+    assert seen == [(i, sorted(names)) for i in range(STEPS)]
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_dit_pipeline_takes_no_step_callback():
+    # diffusers' DiTPipeline has no `callback_on_step_end`: nothing to test there but that it stays so.
+    import inspect
+
+    assert "callback_on_step_end" not in inspect.signature(type(tiny_dit()).__call__).parameters
 
 
 # ---------------------------------------------------------------- bad input
