@@ -46,7 +46,11 @@ def flatten_inputs(inputs: Mapping[str, Any], path: Path = ()) -> dict[Path, Any
 
 
 class DenoiserCall:
-    """One call of a denoiser: its arguments by name and which of its tensors hold one row per sample.
+    """One call of a denoiser: its arguments and which of its tensors hold one row per sample.
+
+    Inputs are named by path: the parameter name (positional arguments get theirs from the
+    signature), then keys inside dict arguments, e.g. ``("added_cond_kwargs", "text_embeds")``.
+    Rebuilt calls keep the original's positional / keyword structure.
 
     Args:
         signature (inspect.Signature): the denoiser's ``forward`` signature.
@@ -55,30 +59,36 @@ class DenoiserCall:
     """
 
     def __init__(self, signature: inspect.Signature, args: tuple, kwargs: dict, batch: int):
-        self.signature, self.args, self.kwargs, self.batch = signature, args, kwargs, batch
-        self.arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
+        self.args, self.kwargs, self.batch = args, kwargs, batch
+        names = list(signature.parameters)
+        self._arg_names = [names[i] if i < len(names) else f"*{i}" for i in range(len(args))]
         self.batched: dict[Path, Tensor] = {}
-        _map_leaves(self.arguments, self._record)
-        var_keyword = [p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD]
-        self._var_keyword = var_keyword[0] if var_keyword else None
+        self.build({})  # records the per-sample tensors
+
+    def argument(self, name: str, default: Any = None) -> Any:
+        """The value passed for parameter ``name`` (positionally or by keyword)."""
+        if name in self.kwargs:
+            return self.kwargs[name]
+        return self.args[self._arg_names.index(name)] if name in self._arg_names else default
+
+    def _leaf(self, values: Mapping[Path, Tensor]) -> Callable[[Path, Any], Any]:
+        def leaf(path: Path, value: Any) -> Any:
+            if path in values:
+                return values[path]
+            if (
+                isinstance(value, Tensor)
+                and value.ndim >= 1
+                and value.shape[0] == self.batch
+                and not NOT_BATCHED.intersection(path)
+            ):
+                self.batched.setdefault(path, value)
+            return value
+
+        return leaf
 
     def resolve(self, path: Path) -> Path | None:
-        """The path of a per-sample input named ``path`` (also inside ``**kwargs``), or ``None``."""
-        if path in self.batched:
-            return path
-        if self._var_keyword is not None and (self._var_keyword, *path) in self.batched:
-            return (self._var_keyword, *path)
-        return None
-
-    def _record(self, path: Path, leaf: Any) -> Any:
-        if (
-            isinstance(leaf, Tensor)
-            and leaf.ndim >= 1
-            and leaf.shape[0] == self.batch
-            and not NOT_BATCHED.intersection(path)
-        ):
-            self.batched[path] = leaf
-        return leaf
+        """``path`` if it names a per-sample input of this call, else ``None``."""
+        return path if path in self.batched else None
 
     def rows(self, indices: Sequence[int] | Tensor) -> BatchInputs:
         """The view of rows ``indices`` (positions in this call's batch)."""
@@ -86,9 +96,10 @@ class DenoiserCall:
 
     def build(self, values: Mapping[Path, Tensor]) -> tuple[tuple, dict]:
         """``(args, kwargs)`` of this call with its per-sample tensors replaced by ``values``."""
-        arguments = _map_leaves(self.arguments, lambda path, leaf: values.get(path, leaf))
-        bound = inspect.BoundArguments(self.signature, arguments)
-        return bound.args, bound.kwargs
+        leaf = self._leaf(values)
+        args = tuple(_map_leaves(a, leaf, (name,)) for name, a in zip(self._arg_names, self.args, strict=True))
+        kwargs = {k: _map_leaves(v, leaf, (k,)) for k, v in self.kwargs.items()}
+        return args, kwargs
 
 
 class BatchInputs:

@@ -290,7 +290,7 @@ class DenoiserWrapper:
 
     def _output(self, call: DenoiserCall, pred: Tensor) -> Any:
         if self._template is None:  # no own-denoiser output seen (a foreign evaluator ran everything)
-            return (pred,) if call.arguments.get("return_dict", True) is False else pred
+            return (pred,) if call.argument("return_dict", True) is False else pred
         return with_prediction(self._template, pred)
 
     # -- run state ------------------------------------------------------------------------------
