@@ -16,7 +16,8 @@ or a zero-init step drops a branch, and the adapter does not evaluate it). Guide
 method get :func:`branches_of`'s default: ``cond``, plus ``uncond`` where ``needs_uncond`` is
 true, plus ``negative`` for guiders with ``needs_negative`` (Perp-Neg).
 
-A branch describes *what* to evaluate, never *how* (no diffusers here):
+The mechanism is described in ``docs/diffusion_branches.md``. A branch describes *what* to
+evaluate, never *how* (no diffusers here):
 
 * ``source``: whose rows of the pipeline's batch give its inputs, ``"cond"`` or ``"uncond"``;
 * ``inputs``: denoiser inputs to replace (e.g. ``{"encoder_hidden_states": negative_embeds}``);
