@@ -96,6 +96,8 @@ def as_probabilities(
         raise ValueError(f"`{name}` must return real probabilities, got dtype {probs.dtype}.")
     shape = tuple(probs.shape)
     probs = probs.detach().to(device="cpu", dtype=torch.float32)
+    if probs.numel() and not bool(torch.isfinite(probs).all()):  # in any column, chosen or not
+        raise ValueError(f"`{name}` returned NaN or infinite probabilities: {probs.flatten().tolist()[:8]}.")
     if probs.ndim == 2 and probs.shape[1] == 1:
         probs = probs[:, 0]
     if probs.ndim == 2:
@@ -113,8 +115,6 @@ def as_probabilities(
             f"`{name}` must return probabilities of shape ({num_texts},) or ({num_texts}, num_classes) "
             f"for {num_texts} texts, got {shape}."
         )
-    if not bool(torch.isfinite(probs).all()):
-        raise ValueError(f"`{name}` returned NaN or infinite probabilities: {probs.tolist()[:8]}.")
     if bool((probs < -_PROB_TOLERANCE).any()) or bool((probs > 1 + _PROB_TOLERANCE).any()):
         raise ValueError(
             f"`{name}` must return probabilities in [0, 1], got values in [{probs.min().item():.4g}, {probs.max().item():.4g}]."
