@@ -18,6 +18,7 @@ from transformers import LogitsProcessor, PreTrainedModel
 
 from guidance.classifier import gedi_class_log_probs, gedi_logits
 from guidance.lm.generation_state import GenerationTracker
+from guidance.lm.padding import left_pad
 from guidance.lm.steering.classifiers import model_device
 from guidance.ops import validate_scale
 
@@ -77,17 +78,6 @@ def _check_class_options(desired_class: Any, class_bias: Any, num_classes: int) 
     if bias.shape != (num_classes,) or not bool(torch.isfinite(bias).all()):
         raise ValueError(f"`class_bias` must be {num_classes} finite numbers, got {class_bias!r}.")
     return bias
-
-
-def _left_pad(sequences: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
-    """``(ids, attention mask, position ids)`` of left-padded ``sequences`` (pad id 0, masked)."""
-    length = max(len(seq) for seq in sequences)
-    ids = torch.zeros(len(sequences), length, dtype=torch.long)
-    mask = torch.zeros(len(sequences), length, dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        ids[i, length - len(seq) :] = torch.tensor(seq)
-        mask[i, length - len(seq) :] = 1
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def _scored_log_likelihood(logits: Tensor, ids: Tensor, lengths: Tensor, longest: int) -> Tensor:
@@ -264,7 +254,9 @@ class GeDiLogitsProcessor(LogitsProcessor):
         device = model_device(self.class_lm)
         contents = [self._content(row) for row in input_ids.tolist()]
         sequences = [prompt + content for prompt in self.class_prompt_ids for content in contents]
-        ids, mask, position_ids = (t.to(device) for t in _left_pad(sequences))
+        ids, mask = left_pad(sequences, pad_token_id=0)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, position_ids = ids.to(device), mask.to(device), position_ids.to(device)
         batch = input_ids.shape[0]
         lengths = torch.tensor([len(content) for content in contents]).repeat(self.num_classes)
         longest = int(lengths.max())
