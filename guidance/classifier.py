@@ -1,7 +1,7 @@
 """Classifier-weighted logits: steer next-token scores with an attribute classifier.
 
 Pure tensor functions (no transformers); the ``generate`` adapters live in
-:mod:`guidance.lm.steering`. Conventions (see ``shared/METHODS.md``, "Classifier-weighted
+:mod:`guidance.lm.steering`. Conventions (see ``docs/methods.md``, "Classifier-weighted
 logits"):
 
 * **CAIF / FUDGE** (Sitdikov et al. 2022; Yang & Klein 2021). For each row take the
