@@ -95,7 +95,7 @@ def make_guider(method: str, schedule: float | Schedule) -> Any:
 
 @dataclass(frozen=True)
 class DigitsRequest:
-    """A validated image-tab request."""
+    """A validated image-tab request; build it with :meth:`from_inputs` (the controls' values, bounded by ``LIMITS``)."""
 
     digit: int
     method: str

@@ -43,6 +43,12 @@ class ModelStore:
     sampling uses a private generator per request (``generate_text(seed=...)``), so loading a
     model (which draws from torch's global generator) never changes a sampled text: no lock
     is held around generation.
+
+    Args:
+        lm_loader: ``() -> (model, tokenizer)``; default: the embedded SmolLM2-135M-Instruct.
+        sentiment_loader: ``() -> texts -> probabilities``; default: the shipped sentiment classifier.
+        digits_loader: ``() -> pipeline``; default: the shipped digits diffusion pipeline.
+        judge_loader: ``() -> classifier`` with ``predict(images)``; default: the shipped digits judge.
     """
 
     def __init__(

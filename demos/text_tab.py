@@ -59,7 +59,7 @@ def _prompt_text(value: Any, name: str, *, required: bool) -> str | None:
 
 @dataclass(frozen=True)
 class TextRequest:
-    """A validated text-tab request."""
+    """A validated text-tab request; build it with :meth:`from_inputs` (the controls' values, bounded by ``LIMITS``)."""
 
     prompt: str
     negative_prompt: str | None

@@ -65,7 +65,20 @@ _PROB_TOLERANCE = 1e-4
 
 
 def validate_top_k(top_k: int, vocab_size: int | None = None, name: str = "top_k") -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``1 <= top_k <= vocab_size``."""
+    """Raise ``ValueError`` naming ``name`` unless ``top_k`` is an integer with ``1 <= top_k <= vocab_size``.
+
+    Args:
+        top_k (`int`): the number of candidates.
+        vocab_size (`int`, *optional*): the upper bound; ``None`` checks ``top_k >= 1`` only.
+        name (`str`): the argument's name in the message.
+
+    Example:
+        >>> from guidance.classifier import validate_top_k
+        >>> validate_top_k(5, vocab_size=3)
+        Traceback (most recent call last):
+        ...
+        ValueError: `top_k` must be at most the vocabulary size 3, got 5.
+    """
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"`{name}` must be a positive integer, got {top_k!r}.")
     if vocab_size is not None and top_k > vocab_size:
@@ -77,9 +90,15 @@ def as_probabilities(
 ) -> Tensor:
     """Check a classifier's answer for ``num_texts`` texts; return ``p(attribute)`` as ``(N,)`` float32.
 
-    Accepts shape ``(N,)`` or ``(N, 1)`` (the attribute's probability) or ``(N, C)`` with
-    ``label`` picking the attribute's column. Raises ``ValueError`` naming ``name`` for a
-    wrong shape, NaN/inf, or values outside ``[0, 1]``.
+    Args:
+        output: the classifier's answer: a tensor, array or nested list of shape ``(N,)`` or
+            ``(N, 1)`` (the attribute's probability) or ``(N, C)`` (one column per class).
+        num_texts (`int`): ``N``, the number of texts classified.
+        label (`int`, *optional*): the attribute's column in ``[-C, C)``, required for ``(N, C)``.
+        name (`str`): the classifier's name in messages.
+
+    Raises ``ValueError`` naming ``name`` for a wrong shape, NaN or infinity anywhere in the
+    answer, or values outside ``[0, 1]`` (beyond float round-off, which is clamped).
 
     Example:
         >>> from guidance.classifier import as_probabilities
@@ -123,12 +142,26 @@ def as_probabilities(
 
 
 def attribute_log_probs(probs: Tensor) -> Tensor:
-    """``log p`` with ``p`` clamped to the smallest normal float32, so it is always finite."""
+    """``log p`` with ``p`` (any shape, values in ``[0, 1]``) clamped to the smallest normal float32: always finite.
+
+    Example:
+        >>> import torch
+        >>> from guidance.classifier import attribute_log_probs
+        >>> attribute_log_probs(torch.tensor([1.0, 0.0]))
+        tensor([  0.0000, -87.3365])
+    """
     return torch.log(probs.to(torch.float32).clamp(min=_MIN_PROB, max=1.0))
 
 
 def entropy(scores: Tensor) -> Tensor:
-    """Entropy in nats of ``softmax(scores)`` over the last dim; ``-inf`` entries count as 0."""
+    """Entropy in nats of ``softmax(scores)`` over the last dim; ``-inf`` entries count as 0.
+
+    Example:
+        >>> import math, torch
+        >>> from guidance.classifier import entropy
+        >>> entropy(torch.tensor([[0.0, 0.0, -math.inf]]))  # two equally likely tokens: log 2
+        tensor([0.6931])
+    """
     log_p = torch.log_softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
     p = log_p.exp()
     return -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(dim=-1)
@@ -139,6 +172,16 @@ def top_k_candidates(scores: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
 
     Candidates with a ``-inf`` score (masked by an earlier processor) are flagged so that
     they need not be scored: they stay ``-inf`` whatever the classifier says.
+
+    Args:
+        scores (`Tensor`): ``(B, V)`` next-token scores.
+        top_k (`int`): candidates per row, ``1 <= top_k <= V``.
+
+    Example:
+        >>> import math, torch
+        >>> from guidance.classifier import top_k_candidates
+        >>> top_k_candidates(torch.tensor([[0.5, 2.0, -math.inf]]), 2)
+        (tensor([[1, 0]]), tensor([[True, True]]))
     """
     validate_top_k(top_k, scores.shape[-1])
     values, indices = torch.topk(scores, top_k, dim=-1)

@@ -194,6 +194,25 @@ def generate_text(
     nor advanced (see :mod:`guidance.lm.sampling`), so concurrent callers need no lock.
 
     Example:
+        >>> import torch
+        >>> from transformers import BertTokenizerFast, LlamaConfig, LlamaForCausalLM
+        >>> from guidance.lm import generate_text
+        >>> from guidance.models.sentiment import encoder_path
+        >>> tokenizer = BertTokenizerFast.from_pretrained(encoder_path())  # any tokenizer will do here
+        >>> _ = torch.manual_seed(0)
+        >>> lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+        ...                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        ...                                   pad_token_id=0)).eval()
+        >>> state = torch.get_rng_state()
+        >>> first = generate_text(lm, tokenizer, ["a happy day", "rain"], negative_prompts="sad", guidance_scale=2.0,
+        ...                       max_new_tokens=4, do_sample=True, seed=0)
+        >>> again = generate_text(lm, tokenizer, ["a happy day", "rain"], negative_prompts="sad", guidance_scale=2.0,
+        ...                       max_new_tokens=4, do_sample=True, seed=0)
+        >>> len(first.texts), first.texts == again.texts, torch.equal(state, torch.get_rng_state())
+        (2, True, True)
+
+        On the embedded model (converted on first use):
+
         >>> from guidance.models import load_default_lm  # doctest: +SKIP
         >>> from guidance.lm import generate_text  # doctest: +SKIP
         >>> model, tokenizer = load_default_lm()  # doctest: +SKIP
