@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from guidance.ops import validate_scale
+from guidance.validation import check_finite, check_int
 
 __all__ = [
     "OUTSIDE_TOP_K",
@@ -79,8 +79,7 @@ def validate_top_k(top_k: int, vocab_size: int | None = None, name: str = "top_k
         ...
         ValueError: `top_k` must be at most the vocabulary size 3, got 5.
     """
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {top_k!r}.")
+    check_int(top_k, name, minimum=1)
     if vocab_size is not None and top_k > vocab_size:
         raise ValueError(f"`{name}` must be at most the vocabulary size {vocab_size}, got {top_k}.")
 
@@ -221,7 +220,7 @@ def classifier_weighted_logits(
         >>> classifier_weighted_logits(scores, ids, log_p, alpha=1.0)
         tensor([[0.6137, 1.0000,   -inf]])
     """
-    validate_scale(alpha, "alpha")
+    check_finite(alpha, "alpha")
     if outside_top_k not in OUTSIDE_TOP_K:
         raise ValueError(f"`outside_top_k` must be one of {OUTSIDE_TOP_K}, got {outside_top_k!r}.")
     if scores.ndim != 2:
@@ -294,7 +293,7 @@ def gedi_class_log_probs(
         raise ValueError(
             f"`prefix_log_likelihood` must be ({num_classes}, {batch}), got {tuple(prefix_log_likelihood.shape)}."
         )
-    validate_scale(logit_scale, "logit_scale")
+    check_finite(logit_scale, "logit_scale")
     dtype = torch.promote_types(next_token_log_probs.dtype, torch.float32)
     device = next_token_log_probs.device
     total = prefix_log_likelihood.to(device=device, dtype=dtype)[..., None] + next_token_log_probs.to(dtype)
@@ -329,7 +328,7 @@ def gedi_logits(scores: Tensor, desired_log_probs: Tensor, omega: float) -> Tens
         >>> gedi_logits(torch.tensor([[1.0, 1.0]]), torch.log(torch.tensor([[0.5, 1.0]])), 2.0)
         tensor([[-0.3863,  1.0000]])
     """
-    validate_scale(omega, "omega")
+    check_finite(omega, "omega")
     if desired_log_probs.shape != scores.shape:
         raise ValueError(
             f"`desired_log_probs` must have the shape of `scores` {tuple(scores.shape)}, got {tuple(desired_log_probs.shape)}."

@@ -141,7 +141,7 @@ def test_generator_sampling_draws_from_the_distribution():
 
 
 def test_bad_seed_or_generator_is_rejected_before_any_work(tiny_lm, tokenizer):
-    for seed, error in [(-1, ValueError), (1.5, ValueError), (True, ValueError)]:
+    for seed, error in [(-1, ValueError), (2**63, ValueError), (1.5, TypeError), (True, TypeError)]:
         with pytest.raises(error, match="`seed` must be an integer"):
             generate_text(tiny_lm, tokenizer, "good", seed=seed, do_sample=True, chat=False)
     with pytest.raises(ValueError, match="not both"):

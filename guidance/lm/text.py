@@ -18,6 +18,7 @@ import torch
 from guidance.lm.generate import cfg_generate
 from guidance.lm.padding import left_pad
 from guidance.schedules import Schedule
+from guidance.validation import check_int
 
 __all__ = ["GenerationResult", "encode_prompts", "generate_text", "pad_token_id"]
 
@@ -122,8 +123,7 @@ def _private_generator(
         return generator
     if seed is None:
         return None
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"`seed` must be an integer in [0, 2**63), got {seed!r}.")
+    seed = check_int(seed, "seed", minimum=0, maximum=2**63 - 1)
     return torch.Generator(device=device).manual_seed(seed)
 
 

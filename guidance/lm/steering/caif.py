@@ -26,27 +26,17 @@ from guidance.classifier import (
 from guidance.lm.generation_state import GenerationTracker
 from guidance.lm.steering.candidates import CandidateTexts
 from guidance.lm.steering.classifiers import as_text_classifier, resolve_label
-from guidance.ops import validate_scale
+from guidance.validation import check_choice, check_finite, check_int, check_range
 
 __all__ = ["ClassifierWeightedLogitsProcessor"]
 
 
 def _check_options(entropy_threshold: Any, context_tokens: Any, outside_top_k: Any) -> None:
-    if entropy_threshold is not None and (
-        isinstance(entropy_threshold, bool)
-        or not isinstance(entropy_threshold, (int, float))
-        or not math.isfinite(entropy_threshold)
-        or entropy_threshold < 0
-    ):
-        raise ValueError(
-            f"`entropy_threshold` must be None or a finite number >= 0 (nats), got {entropy_threshold!r}."
-        )
-    if context_tokens is not None and (
-        isinstance(context_tokens, bool) or not isinstance(context_tokens, int) or context_tokens < 1
-    ):
-        raise ValueError(f"`context_tokens` must be None or a positive integer, got {context_tokens!r}.")
-    if outside_top_k not in OUTSIDE_TOP_K:
-        raise ValueError(f"`outside_top_k` must be one of {OUTSIDE_TOP_K}, got {outside_top_k!r}.")
+    if entropy_threshold is not None:
+        check_range(entropy_threshold, "entropy_threshold", 0.0, math.inf, hi_open=True)
+    if context_tokens is not None:
+        check_int(context_tokens, "context_tokens", minimum=1)
+    check_choice(outside_top_k, "outside_top_k", OUTSIDE_TOP_K)
 
 
 def _unique_texts(candidate_texts: list[list[str]], prefix_texts: list[str] | None) -> dict[str, int]:
@@ -138,7 +128,7 @@ class ClassifierWeightedLogitsProcessor(LogitsProcessor):
         outside_top_k: str = "remove",
         filter_value: float = -math.inf,
     ) -> None:
-        validate_scale(alpha, "alpha")
+        check_finite(alpha, "alpha")
         validate_top_k(top_k, len(tokenizer) if hasattr(tokenizer, "__len__") else None)
         _check_options(entropy_threshold, context_tokens, outside_top_k)
         self.tokenizer = tokenizer

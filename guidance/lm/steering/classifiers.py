@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from guidance.classifier import TextClassifier
+from guidance.validation import check_int
 
 __all__ = [
     "SentenceEncoderClassifier",
@@ -53,9 +54,8 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def _check_batching(max_length: Any, batch_size: Any) -> None:
-    for name, value in (("max_length", max_length), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+    check_int(max_length, "max_length", minimum=1)
+    check_int(batch_size, "batch_size", minimum=1)
 
 
 def _batches(texts: Sequence[str], size: int) -> list[list[str]]:

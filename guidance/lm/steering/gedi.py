@@ -20,7 +20,7 @@ from guidance.classifier import gedi_class_log_probs, gedi_logits
 from guidance.lm.generation_state import GenerationTracker
 from guidance.lm.padding import left_pad
 from guidance.lm.steering.classifiers import model_device
-from guidance.ops import validate_scale
+from guidance.validation import check_finite, check_int
 
 __all__ = ["GeDiLogitsProcessor"]
 
@@ -66,12 +66,7 @@ def _encode_class_prompts(class_prompts: Any, tokenizer: Any, vocab: int | None)
 
 
 def _check_class_options(desired_class: Any, class_bias: Any, num_classes: int) -> Tensor | None:
-    if (
-        isinstance(desired_class, bool)
-        or not isinstance(desired_class, int)
-        or not 0 <= desired_class < num_classes
-    ):
-        raise ValueError(f"`desired_class` must be an index in [0, {num_classes}), got {desired_class!r}.")
+    check_int(desired_class, "desired_class", minimum=0, maximum=num_classes - 1)
     if class_bias is None:
         return None
     bias = torch.as_tensor(class_bias, dtype=torch.float32)
@@ -173,8 +168,8 @@ class GeDiLogitsProcessor(LogitsProcessor):
         score_prompt: bool = True,
         pad_token_id: int | None = None,
     ) -> None:
-        validate_scale(omega, "omega")
-        validate_scale(logit_scale, "logit_scale")
+        check_finite(omega, "omega")
+        check_finite(logit_scale, "logit_scale")
         self._input_vocab, self._output_vocab = _vocab_sizes(class_lm)
         self.class_prompt_ids = _encode_class_prompts(class_prompts, tokenizer, self._input_vocab)
         self.class_bias = _check_class_options(desired_class, class_bias, len(self.class_prompt_ids))
