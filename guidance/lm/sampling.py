@@ -13,6 +13,8 @@ global generator and takes no generator argument. :func:`guidance.cfg_generate` 
 
 The tokens are distributed exactly as with plain sampling; on one device, a generator seeded
 with ``s`` gives the same tokens as ``torch.manual_seed(s)`` followed by plain sampling.
+With a generator, ``output_scores`` hold the drawn token only (0 there, ``-inf`` elsewhere):
+they are the scores after the sampling step. Ask for ``output_logits`` for the model's logits.
 """
 
 from __future__ import annotations
