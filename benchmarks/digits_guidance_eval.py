@@ -16,8 +16,8 @@ Methods: CFG, APG (paper form on x0, and diffusers' form on eps), guidance resca
 CFG-Zero*, CFG++ (its scale is lambda in [0, 1]), linear and cosine increasing schedules
 at equal mean scale, the guidance interval, adaptive guidance and a fixed-ratio cut-off; and
 the prediction-only guiders TCFG, FDG, MAMBO-G, APG-mix, CFGNorm, CFG-Renorm, Mahiro, FreSca,
-plus ICG and TSG (their reference branch is evaluated by a small wrapper here, see
-``reference_branch``).
+plus ICG and TSG (their reference branch, the conditional rows under a random class or a noisy
+time embedding, is evaluated by ``attach``'s branch mechanism).
 Writes a JSON table, the plots and image grids, and prints the table.
 
 Run (about 20-40 minutes on 2 busy CPU cores; ``--quick`` for a smoke run):
@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers.models.unets.unet_2d import UNet2DOutput
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -121,7 +120,6 @@ NEW_GUIDERS: dict[str, tuple[Callable[[float], Any], str]] = {
     "tsg": (lambda w: TimestepGuidance(w), "s=3, a=0.25, t/1000, times std"),
     "tsg_gentle": (lambda w: TimestepGuidance(w, noise_scale=1.0), "s=1 (the reported s=3 breaks this model)"),
 }
-REFERENCE_BRANCH_METHODS = ("icg", "tsg", "tsg_gentle")
 
 
 def build_settings(
@@ -267,10 +265,6 @@ def run_setting(
         )
         return out.images, float(steps), {}
     options = setting.build()
-    if setting.method in REFERENCE_BRANCH_METHODS:
-        with reference_branch(pipe, options["guider"]) as branch:
-            out = pipe(labels, guidance_scale=2.0, num_inference_steps=steps, latents=latents.clone(), output_type="latent")
-        return out.images, branch.evaluations / len(labels), {}
     with attach(
         pipe, options["guider"], adaptive=options.get("adaptive"), mode=options.get("mode", "guide")
     ) as handle:
@@ -291,49 +285,6 @@ def run_setting(
             "retired_at_mean_step": float(np.mean(retired)),
         }
     return out.images, stats.evaluations_per_image, extra
-
-
-class reference_branch:
-    """Evaluate ICG's / TSG's reference branch on the digits pipeline (stand-in for attach's branches).
-
-    The pipeline's ``[uncond, cond]`` call becomes ``[reference, cond]``: both halves get the
-    conditional labels, and the guider's perturbation hook acts on the first half; the guider
-    combines ``cond`` with the reference. Off steps (scale 1) evaluate the conditional rows only.
-    """
-
-    def __init__(self, pipe, guider):
-        self.pipe, self.guider, self.unet = pipe, guider, pipe.unet
-        self.hook = guider.perturbation()
-        self.evaluations = 0
-        self._original = self.unet.forward
-
-    def __enter__(self):
-        self.guider.reset()
-        self.unet.forward = self._forward
-        return self
-
-    def __exit__(self, *exc):
-        del self.unet.forward
-
-    def _forward(self, sample, timestep, class_labels=None, **kwargs):
-        timesteps = self.pipe.scheduler.timesteps
-        step = int((timesteps == timestep).nonzero()[0])
-        num = len(timesteps)
-        if step == 0:
-            self.guider.reset()
-        half = sample.shape[0] // 2
-        cond_labels = class_labels[half:]
-        if not self.guider.needs_reference(step, num):
-            self.evaluations += half
-            cond = self._original(sample[half:], timestep, class_labels=cond_labels, **kwargs).sample
-            guided = self.guider(cond, None, step=step, num_steps=num)
-        else:
-            self.evaluations += 2 * half
-            with self.hook.apply(self.unet, slice(0, half)):
-                both = self._original(sample, timestep, class_labels=cond_labels.repeat(2), **kwargs).sample
-            reference, cond = both[:half], both[half:]
-            guided = self.guider(cond, None, step=step, num_steps=num, **{self.guider.branch: reference})
-        return UNet2DOutput(sample=torch.cat([guided, guided]))
 
 
 def reference_rows(

@@ -737,3 +737,39 @@ def test_condition_hooks_on_a_dit_transformer():
             out = transformer(x, timestep=t, class_labels=labels).sample
         assert torch.equal(out[1], plain[1]) and not torch.allclose(out[0], plain[0]), hook
     assert RandomCondition()._class_modules(transformer)[0][1] == transformer.config.num_embeds_ada_norm
+
+
+@pytest.mark.parametrize(
+    "make", [lambda w: IndependentCondition(w, num_classes=10), lambda w: TimestepGuidance(w, noise_scale=1.0)]
+)
+def test_icg_and_tsg_through_attach_on_the_digits_pipeline(make):
+    from guidance.diffusion import attach
+    from guidance.models import load_digits_pipeline
+
+    pipe = load_digits_pipeline("ddim")
+
+    def sample(scale):
+        return pipe([3, 7], num_images_per_prompt=2, guidance_scale=scale, num_inference_steps=4,
+                    generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+    plain = sample(1.0)
+    with attach(pipe, make(1.0)) as handle:
+        assert torch.equal(sample(2.0), plain)  # off: the pipeline's conditional rows only
+    assert handle.stats.evaluations_per_image == 4
+    guider = make(3.0)
+    with attach(pipe, guider) as handle:
+        first, second = sample(2.0), sample(2.0)
+    assert torch.equal(first, second)  # the hook's stream restarts with every run
+    assert bool(torch.isfinite(first).all()) and not torch.equal(first, plain)
+    assert handle.stats.branch_rows == {"cond": 16, guider.branch: 16}
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in pipe.unet.modules())
+
+
+def test_icg_with_random_text_through_attach_on_tiny_sd(tiny_sd):
+    from guidance.diffusion import attach
+
+    plain = _sd_run(tiny_sd, guidance_scale=1.0, negative_prompt=None)
+    with attach(tiny_sd, IndependentCondition(3.0)) as handle:
+        out = _sd_run(tiny_sd, guidance_scale=2.0, negative_prompt=None)
+    assert bool(torch.isfinite(out).all()) and not torch.equal(out, plain)
+    assert handle.stats.branch_rows == {"cond": 12, "independent": 12}
