@@ -226,12 +226,13 @@ def test_low_precision_inputs_stay_finite_and_keep_dtype():
     assert bool(torch.isfinite(ddim_cfgpp_step(zeros, zeros, zeros, 0.5, 0.9, 0.5)).all())
 
 
-@pytest.mark.parametrize("bad", [-0.1, 1.01, math.nan, math.inf, True])
+@pytest.mark.parametrize("bad", [-0.1, 1.01, math.nan, math.inf, True, "0.5", torch.tensor([0.5, 2.0])])
 def test_lambda_outside_unit_interval_is_rejected(bad):
     x = torch.zeros(1, 2)
-    with pytest.raises(ValueError, match="lambda"):
+    error = TypeError if isinstance(bad, (bool, str)) else ValueError
+    with pytest.raises(error, match="lambda"):
         ddim_cfgpp_step(x, x, x, 0.5, 0.9, bad)
-    with pytest.raises(ValueError, match="lambda"):
+    with pytest.raises(error, match="lambda"):
         sample_euler_cfgpp(lambda s, sigma: (s, s), x, [1.0, 0.0], bad)
 
 
