@@ -442,3 +442,77 @@ def test_mass_one_samples_the_full_distribution() -> None:
     tokens = cfg_typical_sample(logits.expand(8000, 4), None, 1.0, 1.0, seed=0)
     counts = torch.bincount(tokens, minlength=4).double()
     assert _chi_square_p_value(counts, logits.exp().double()) > 1e-3
+
+
+# --------------------------------------------------------------------------- fused warpers
+
+
+def test_fused_warpers_supported_recognises_what_the_kernel_fuses() -> None:
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from samplers.kernels import FusedSampling, fused_warpers_supported
+
+    both = LogitsProcessorList([TemperatureLogitsWarper(0.7), TypicalLogitsWarper(0.9, min_tokens_to_keep=2)])
+    assert fused_warpers_supported(both) == FusedSampling(temperature=0.7, mass=0.9, min_tokens_to_keep=2)
+    assert fused_warpers_supported([LocallyTypicalWarper(0.5)]) == FusedSampling(mass=0.5)
+    assert fused_warpers_supported([TemperatureLogitsWarper(1.3)]) == FusedSampling(temperature=1.3)
+    assert fused_warpers_supported([]) == FusedSampling()
+    for not_fused in (
+        [TopKLogitsWarper(50)],
+        [TemperatureLogitsWarper(0.7), TopPLogitsWarper(0.9)],
+        [TypicalLogitsWarper(0.9), TemperatureLogitsWarper(0.7)],  # temperature after the filter
+        [LocallyTypicalWarper(0.9), LocallyTypicalWarper(0.8)],
+        [LocallyTypicalWarper(0.9, filter_value=-100.0)],  # filtered tokens keep some probability
+        [lambda input_ids, scores: scores],
+    ):
+        assert fused_warpers_supported(not_fused) is None, not_fused
+
+
+def test_fused_sampling_is_the_warpers_then_a_draw() -> None:
+    """Same kept set as temperature + typical warpers, same tokens as cfg_typical_sample for a seed."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper
+
+    from samplers.kernels import FusedSampling, fused_warpers_supported
+
+    cond, uncond = _randn(6, 300, seed=50, scale=2.0), _randn(6, 300, seed=51, scale=2.0)
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(0.8), LocallyTypicalWarper(0.7)])
+    step = fused_warpers_supported(warpers)
+    tokens = step.sample(cond, uncond, 2.0, seed=11)
+    assert torch.equal(tokens, cfg_typical_sample(cond, uncond, 2.0, 0.7, temperature=0.8, seed=11))
+    kept = warpers(None, cfg_log_probs(cond, uncond, 2.0)) > NEG_INF
+    assert kept.gather(1, tokens[:, None]).all()
+    generator = torch.Generator().manual_seed(3)
+    first = step.sample(cond, uncond, 2.0, generator=generator)
+    assert torch.equal(first, step.sample(cond, uncond, 2.0, generator=torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="`mass`"):
+        FusedSampling(mass=0.0)
+    with pytest.raises(ValueError, match="`temperature`"):
+        FusedSampling(temperature=0.0)
+
+
+def test_warper_merges_with_generate_own_typical_warper() -> None:
+    """generate merges a custom list with its own warpers by type: ours is kept next to transformers'."""
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    calls = []
+    warper = LocallyTypicalWarper(0.9)
+
+    class Spy:
+        def __call__(self, input_ids, scores):
+            calls.append(scores.shape)
+            return warper(input_ids, scores)
+
+    processors = LogitsProcessorList([Spy(), warper])
+    out = model.generate(
+        torch.tensor([[1, 5, 9]]), do_sample=True, typical_p=0.8, top_k=0, max_new_tokens=3,
+        logits_processor=processors,
+    )  # fmt: skip
+    assert out.shape == (1, 6) and len(calls) == 3
