@@ -48,8 +48,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from guidance.validation import check_batch_scale, check_same_shape, check_scale, check_tensor
-from guidance.validation import check_finite as check_finite_number
+from guidance.validation import check_batch_scale, check_range, check_same_shape, check_scale, check_tensor
 from samplers.kernels import reference
 from samplers.kernels.fused import FusedSampling, fused_warpers_supported
 from samplers.kernels.reference import (
@@ -76,6 +75,7 @@ __all__ = [
 ]
 
 DISABLE_TRITON_ENV = "GUIDANCE_DISABLE_TRITON"
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -152,7 +152,8 @@ def _multiprocessors(device: str) -> int:
 def _check_scale_for(scale: float | Tensor, batch: int, values: bool) -> float | Tensor:
     """Type and shape of a guidance scale; its values too when they are free or asked for."""
     if not isinstance(scale, Tensor):
-        return check_finite_number(scale, "scale")
+        # the combine runs in float32: a larger number would round to inf there (and make 0 * inf)
+        return check_range(scale, "scale", -_FLOAT32_MAX, _FLOAT32_MAX)
     check_batch_scale(scale, batch, "scale")
     if values or scale.device.type == "cpu":
         return check_scale(scale, "scale")
@@ -178,9 +179,10 @@ def cfg_log_softmax(
         cond_logits (`torch.Tensor`): conditional logits, ``(batch, vocab)`` or ``(vocab,)``,
             any float dtype; finite or ``-inf``.
         uncond_logits (`torch.Tensor`): unconditional logits, the shape of ``cond_logits``.
-        scale (`float` or `torch.Tensor`): guidance scale ``w``, any finite real number
-            (``1``: off, ``0``: ``uncond``); or a tensor of shape ``()``, ``(1,)`` or ``(batch,)``
-            (one scale per row). A CUDA tensor's values are checked only with ``check_finite``.
+        scale (`float` or `torch.Tensor`): guidance scale ``w``, a real number with
+            ``|w| <= 3.4e38`` (float32's range; ``1``: off, ``0``: ``uncond``); or a real tensor of
+            shape ``()``, ``(1,)`` or ``(batch,)`` (one scale per row, taken in float32). A CUDA
+            tensor's values are checked only with ``check_finite``.
         check_finite (`bool`, *optional*, defaults to `True`): raise ``ValueError`` on NaN or
             ``+inf`` logits or scales (reads one flag per row back from the GPU); with
             ``False`` such rows come back all-NaN and nothing is read back.
@@ -312,10 +314,10 @@ def cfg_typical_sample(
             finite or ``-inf``.
         uncond_logits (`torch.Tensor` or None): unconditional logits of the same shape, or None
             (no guidance).
-        scale (`float` or `torch.Tensor`): guidance scale, a finite real number or a ``(batch,)``
-            tensor (``1``: off).
+        scale (`float` or `torch.Tensor`): guidance scale, a real number with ``|w| <= 3.4e38``
+            or a ``(batch,)`` real tensor (``1``: off).
         mass (`float`): ``typical_p`` in (0, 1]; ``1`` samples the full tempered distribution.
-        temperature (`float`, *optional*, defaults to 1.0): in (0, inf).
+        temperature (`float`, *optional*, defaults to 1.0): in [1e-5, inf).
         min_tokens_to_keep (`int`, *optional*, defaults to 1): >= 1.
         seed (`int` or `torch.Tensor`, *optional*): an int in ``[0, 2**63 - batch)`` (row ``b``
             uses ``seed + b``) or a ``(batch,)`` integer tensor of per-row seeds.

@@ -7,7 +7,7 @@ is one call: :func:`fused_warpers_supported` says whether (and with which settin
 :meth:`FusedSampling.sample` makes the call. Warpers are recognised by type, without
 importing transformers: transformers' classes are looked up in ``sys.modules`` only.
 
-Fused: ``TemperatureLogitsWarper`` (any temperature > 0), then at most one typical warper
+Fused: ``TemperatureLogitsWarper`` (a temperature >= 1e-5), then at most one typical warper
 (transformers' ``TypicalLogitsWarper`` or :class:`samplers.typical.LocallyTypicalWarper`)
 with ``filter_value = -inf``. Anything else (top-k, top-p, min-p, repetition penalties,
 a typical warper before the temperature, a finite ``filter_value``) is not fused.
@@ -28,7 +28,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from samplers.kernels.reference import validate_mass, validate_min_tokens_to_keep, validate_temperature
+from samplers.kernels.reference import (
+    MIN_TEMPERATURE,
+    validate_mass,
+    validate_min_tokens_to_keep,
+    validate_temperature,
+)
 
 __all__ = ["FusedSampling", "fused_warpers_supported"]
 
@@ -38,7 +43,7 @@ class FusedSampling:
     """The settings of one fused CFG + temperature + typical + draw step.
 
     Args:
-        temperature (`float`, *optional*, defaults to 1.0): in (0, inf).
+        temperature (`float`, *optional*, defaults to 1.0): in [1e-5, inf).
         mass (`float`, *optional*, defaults to 1.0): ``typical_p`` in (0, 1]; 1 draws from the
             full tempered distribution.
         min_tokens_to_keep (`int`, *optional*, defaults to 1): >= 1.
@@ -148,7 +153,7 @@ def fused_warpers_supported(processors: Iterable[object]) -> FusedSampling | Non
             typical = processor
         else:
             return None
-    if temperature is not None and not (0.0 < temperature < math.inf):
+    if temperature is not None and not (MIN_TEMPERATURE <= temperature < math.inf):
         return None
     return FusedSampling(
         temperature=1.0 if temperature is None else temperature,

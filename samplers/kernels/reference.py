@@ -96,15 +96,28 @@ def validate_min_tokens_to_keep(min_tokens_to_keep: int) -> int:
     return check_int(min_tokens_to_keep, "min_tokens_to_keep", minimum=1)
 
 
+MIN_TEMPERATURE = 1e-5  # below this, use greedy decoding (vLLM's cut-off too)
+
+
 def validate_temperature(temperature: float) -> float:
-    """``temperature``: a real number in (0, inf) (greedy decoding is an argmax, not a temperature).
+    """``temperature``: a real number in [1e-5, inf).
+
+    Lower temperatures are greedy decoding (an argmax) in all but name, and dividing log-probs
+    by them overflows float32 (every token becomes ``-inf``); vLLM switches to greedy below the
+    same value.
 
     Example:
         >>> from samplers.kernels.reference import validate_temperature
         >>> validate_temperature(0.7)
         0.7
     """
-    return check_range(temperature, "temperature", 0.0, math.inf, lo_open=True, hi_open=True)
+    number = check_number(temperature, "temperature")
+    if not MIN_TEMPERATURE <= number < math.inf:
+        raise ValueError(
+            f"`temperature` must be a number in [{MIN_TEMPERATURE}, inf), got {temperature!r} "
+            "(decode greedily, with an argmax, below that)."
+        )
+    return number
 
 
 def validate_filter_value(filter_value: float) -> float:
