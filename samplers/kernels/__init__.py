@@ -68,6 +68,7 @@ __all__ = [
     "cfg_log_softmax",
     "cfg_typical_sample",
     "fused_warpers_supported",
+    "raise_for_missing_tokens",
     "split_chunks",
     "triton_available",
     "typical_filter",
@@ -123,7 +124,8 @@ def split_chunks(batch: int, vocab: int, device: torch.device | str | None = Non
 
     Rows are split when the batch alone cannot fill the GPU (fewer rows than streaming
     multiprocessors) and a row is long enough to split (at least two chunks of
-    ``triton_split.MIN_CHUNK`` tokens): about two programs per multiprocessor in all.
+    4,096 tokens): about two programs per multiprocessor in all. A first choice, not tuned on
+    a GPU yet (``benchmarks/typical_sampling.py --chunks`` compares others).
 
     Args:
         batch (`int`): rows, >= 1.
@@ -363,6 +365,11 @@ def cfg_typical_sample(
 
 def raise_for_missing_tokens(tokens: Tensor) -> None:
     """Raise ``ValueError`` naming the rows whose token is ``-1`` (nothing to draw). Reads ``tokens``.
+
+    For loops that sample with ``check_finite=False`` and check at their own sync point.
+
+    Args:
+        tokens (`torch.Tensor`): ``(batch,)`` integer tokens from :func:`cfg_typical_sample`.
 
     Example:
         >>> import torch

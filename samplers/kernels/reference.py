@@ -139,6 +139,11 @@ def check_logits(scores: Tensor, name: str = "scores", *, allow_1d: bool = False
 
     Looks at the metadata only (no device sync). Returns ``scores``.
 
+    Args:
+        scores (`torch.Tensor`): the tensor to check.
+        name (`str`, *optional*, defaults to ``"scores"``): the argument name for the message.
+        allow_1d (`bool`, *optional*, defaults to `False`): accept ``(vocab,)`` too.
+
     Example:
         >>> import torch
         >>> from samplers.kernels.reference import check_logits
@@ -156,6 +161,9 @@ def check_logits(scores: Tensor, name: str = "scores", *, allow_1d: bool = False
 def invalid_rows(scores: Tensor) -> Tensor:
     """(B,) bool: rows of ``scores`` (B, V) holding a NaN or a ``+inf`` (no sync).
 
+    Args:
+        scores (`torch.Tensor`): ``(batch, vocab)`` float tensor.
+
     Example:
         >>> import torch
         >>> from samplers.kernels.reference import invalid_rows
@@ -169,6 +177,10 @@ def check_logit_values(scores: Tensor, name: str = "scores") -> None:
     """Raise ``ValueError`` on NaN or ``+inf`` logits (``-inf`` marks a masked token and is fine).
 
     Reads the values: on an accelerator this synchronises with the device.
+
+    Args:
+        scores (`torch.Tensor`): ``(batch, vocab)`` or ``(vocab,)`` float tensor.
+        name (`str`, *optional*, defaults to ``"scores"``): the argument name for the message.
 
     Example:
         >>> import torch
@@ -260,6 +272,15 @@ def typical_keep_mask(scores: Tensor, mass: float, min_tokens_to_keep: int = 1) 
     decided by the caller). ``mass == 1`` keeps every token. See the module docstring for the
     tie rule at both boundaries.
 
+    Args:
+        scores (`torch.Tensor`): ``(batch, vocab)`` logits, any float dtype, finite or ``-inf``.
+        mass (`float`): ``typical_p`` in (0, 1].
+        min_tokens_to_keep (`int`, *optional*, defaults to 1): >= 1.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: the ``(batch, vocab)`` bool mask and the float32
+        log-probs.
+
     Example:
         >>> import torch
         >>> from samplers.kernels.reference import typical_keep_mask
@@ -296,6 +317,13 @@ def typical_filter_torch(
     ``mark_invalid=True`` turns rows holding a NaN or ``+inf`` into NaN rows (the unchecked
     contract of :func:`samplers.kernels.typical_filter`).
 
+    Args:
+        scores (`torch.Tensor`): ``(batch, vocab)`` logits, any float dtype, finite or ``-inf``.
+        mass (`float`): ``typical_p`` in (0, 1]; 1 returns ``scores`` itself.
+        min_tokens_to_keep (`int`, *optional*, defaults to 1): >= 1.
+        filter_value (`float`, *optional*, defaults to ``-inf``): value of removed tokens, not NaN.
+        mark_invalid (`bool`, *optional*, defaults to `False`): NaN over rows with NaN / ``+inf``.
+
     Example:
         >>> import torch
         >>> from samplers.kernels.reference import typical_filter_torch
@@ -329,6 +357,11 @@ def cfg_log_softmax_torch(cond_logits: Tensor, uncond_logits: Tensor, scale: flo
     (scalar or per-row tensor) is ``cond_logits`` itself, bit for bit (upcast to float32 at
     least); a branch row that is entirely ``-inf`` gives an entirely ``-inf`` guided row where
     that branch has weight (never NaN). Arguments are not validated here.
+
+    Args:
+        cond_logits (`torch.Tensor`): ``(batch, vocab)`` conditional logits.
+        uncond_logits (`torch.Tensor`): unconditional logits of the same shape.
+        scale (`float` or `torch.Tensor`): finite scale, a number or one per row.
 
     Example:
         >>> import torch
@@ -465,6 +498,15 @@ def cfg_typical_sample_torch(
 
     Returns int64 tokens; ``-1`` for a row whose guided logits hold a NaN or ``+inf`` or are
     entirely ``-inf`` (the caller raises or passes that on). Arguments are not validated here.
+
+    Args:
+        cond_logits (`torch.Tensor`): ``(batch, vocab)`` conditional logits.
+        uncond_logits (`torch.Tensor` or None): unconditional logits of the same shape, or None.
+        scale (`float` or `torch.Tensor`): finite scale, a number or one per row.
+        mass (`float`): ``typical_p`` in (0, 1].
+        temperature (`float`, *optional*, defaults to 1.0): in [1e-5, inf).
+        min_tokens_to_keep (`int`, *optional*, defaults to 1): >= 1.
+        uniforms (`torch.Tensor`): ``(batch,)`` float64 uniforms in [0, 1), see :func:`row_uniforms`.
 
     Example:
         >>> import torch

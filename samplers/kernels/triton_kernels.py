@@ -793,7 +793,16 @@ def _write_filtered(
 
 
 def split_float64(value: float) -> tuple[float, float, float]:
-    """Three float32 numbers whose float64 sum is ``value`` exactly."""
+    """Three float32 numbers whose float64 sum is ``value`` exactly (kernel float arguments are float32).
+
+    Args:
+        value (`float`): any finite float64.
+
+    Example:
+        >>> from samplers.kernels.triton_kernels import split_float64
+        >>> sum(split_float64(0.9)) == 0.9
+        True
+    """
     parts = []
     rest = float(value)
     for _ in range(3):
@@ -808,14 +817,32 @@ def _rows(x: Tensor) -> Tensor:
 
 
 def row_scales(scale: float | Tensor, batch: int, device: torch.device) -> Tensor:
-    """One float32 scale per row on ``device`` (a number, or a tensor of 1 or ``batch`` values)."""
+    """One float32 scale per row on ``device`` (a number, or a tensor of 1 or ``batch`` values).
+
+    Args:
+        scale (`float` or `torch.Tensor`): the scale(s).
+        batch (`int`): rows, >= 1.
+        device (`torch.device`): where the result lives.
+
+    Example:
+        >>> import torch
+        >>> from samplers.kernels.triton_kernels import row_scales
+        >>> row_scales(1.5, 2, torch.device("cpu"))
+        tensor([1.5000, 1.5000])
+    """
     if isinstance(scale, Tensor):
         return scale.to(device=device, dtype=torch.float32).reshape(-1).expand(batch).contiguous()
     return torch.full((batch,), float(scale), dtype=torch.float32, device=device)
 
 
 def raise_on_flags(flags: Tensor, what: str, empty_is_error: bool) -> None:
-    """Raise ``ValueError`` for rows flagged by a kernel (reads the flags: waits for the kernel)."""
+    """Raise ``ValueError`` for rows flagged by a kernel (reads the flags: waits for the kernel).
+
+    Args:
+        flags (`torch.Tensor`): ``(batch,)`` int32 flags (bit 0: NaN / ``+inf``, bit 1: nothing finite).
+        what (`str`): the argument names for the message.
+        empty_is_error (`bool`): whether bit 1 is an error (a draw) or not (a filter).
+    """
     mask = (flags & BAD_LOGITS) != 0
     if empty_is_error:
         mask = mask | ((flags & NO_FINITE) != 0)
@@ -842,6 +869,12 @@ def cfg_log_softmax_triton(
     The caller (:func:`samplers.kernels.cfg_log_softmax`) validates the arguments and handles a
     scale of 1. Rows with NaN / +inf logits or a non-finite scale come out all-NaN, and raise
     ``ValueError`` with ``check_finite`` (one read of the per-row flags).
+
+    Args:
+        cond_logits (`torch.Tensor`): ``(batch, vocab)`` CUDA logits, float16/bfloat16/float32.
+        uncond_logits (`torch.Tensor`): the same shape and device.
+        scale (`float` or `torch.Tensor`): a finite number, or 1 or ``batch`` values.
+        check_finite (`bool`, *optional*, defaults to `True`): raise on flagged rows.
 
     Example:
         >>> import torch
@@ -895,6 +928,14 @@ def typical_filter_triton(
 
     ``chunks`` programs share each row (default :func:`samplers.kernels.split_chunks`; 1: one
     program per row, the kernel above; more: :mod:`samplers.kernels.triton_split`).
+
+    Args:
+        scores (`torch.Tensor`): ``(batch, vocab)`` CUDA scores, float16/bfloat16/float32.
+        mass (`float`): ``typical_p`` in (0, 1).
+        min_tokens_to_keep (`int`, *optional*, defaults to 1): >= 1.
+        filter_value (`float`, *optional*, defaults to ``-inf``): not NaN.
+        check_finite (`bool`, *optional*, defaults to `True`): raise on NaN / ``+inf`` rows.
+        chunks (`int`, *optional*): programs per row, >= 1 (default: ``split_chunks``).
 
     Example:
         >>> import torch
@@ -960,6 +1001,17 @@ def cfg_typical_sample_triton(
     The caller validates the arguments; ``uncond_logits`` None (or a scale of the number 1) is
     no guidance. Invalid rows get token -1, and raise ``ValueError`` with ``check_finite``.
     ``chunks`` as in :func:`typical_filter_triton`.
+
+    Args:
+        cond_logits (`torch.Tensor`): ``(batch, vocab)`` CUDA logits, float16/bfloat16/float32.
+        uncond_logits (`torch.Tensor` or None): the same shape and device, or None.
+        scale (`float` or `torch.Tensor`): a finite number, or 1 or ``batch`` values.
+        mass (`float`): ``typical_p`` in (0, 1].
+        temperature (`float`): in [1e-5, inf).
+        min_tokens_to_keep (`int`): >= 1.
+        uniforms (`torch.Tensor`): ``(batch,)`` float64 uniforms in [0, 1).
+        check_finite (`bool`, *optional*, defaults to `True`): raise on rows with no token.
+        chunks (`int`, *optional*): programs per row, >= 1 (default: ``split_chunks``).
 
     Example:
         >>> import torch

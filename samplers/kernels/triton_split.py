@@ -63,6 +63,10 @@ NUM_WARPS = 4
 def chunk_layout(vocab: int, chunks: int) -> tuple[int, int]:
     """``(chunk, C)``: tokens per chunk (a multiple of ``TILE``) and the number of chunks for ``chunks`` wanted.
 
+    Args:
+        vocab (`int`): tokens per row, >= 1.
+        chunks (`int`): chunks wanted, >= 1 (fewer when the row is short).
+
     Example:
         >>> from samplers.kernels.triton_split import chunk_layout
         >>> chunk_layout(5000, 5)
@@ -520,6 +524,13 @@ def typical_filter_split(
     Returns the filtered scores and the per-row flags (bit 0: NaN / +inf, bit 1: all -inf);
     the caller validates the arguments (``mass < 1``) and raises on flags.
 
+    Args:
+        scores (`torch.Tensor`): ``(batch, vocab)`` CUDA scores, float16/bfloat16/float32.
+        mass (`float`): ``typical_p`` in (0, 1).
+        min_tokens_to_keep (`int`): >= 1.
+        filter_value (`float`): not NaN.
+        chunks (`int`): programs wanted per row, >= 1 (see :func:`chunk_layout`).
+
     Example:
         >>> import torch
         >>> from samplers.kernels.triton_split import typical_filter_split
@@ -549,6 +560,17 @@ def cfg_typical_sample_split(
 
     ``scales`` one float32 per row, ``uniforms`` one float64 per row; returns int32 tokens (-1
     for invalid rows) and the per-row flags. The caller validates the arguments.
+
+    Args:
+        cond (`torch.Tensor`): ``(batch, vocab)`` CUDA logits, float16/bfloat16/float32.
+        uncond (`torch.Tensor`): the same shape (``cond`` itself when ``has_uncond`` is False).
+        scales (`torch.Tensor`): ``(batch,)`` float32 guidance scales.
+        has_uncond (`bool`): whether to guide.
+        mass (`float`): ``typical_p`` in (0, 1].
+        temperature (`float`): in [1e-5, inf).
+        min_tokens_to_keep (`int`): >= 1.
+        uniforms (`torch.Tensor`): ``(batch,)`` float64 uniforms in [0, 1).
+        chunks (`int`): programs wanted per row, >= 1.
 
     Example:
         >>> import torch
