@@ -515,3 +515,46 @@ def test_gpu_sampler_goodness_of_fit() -> None:
     statistic = ((counts[keep] - expected) ** 2 / expected).sum()
     dof = torch.tensor(float(keep.sum() - 1), dtype=torch.float64, device="cuda")
     assert float(torch.special.gammaincc(dof / 2, statistic / 2)) > 1e-3
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("batch, vocab", [(1, 262_144), (4, 128_256), (16, 32_000)])
+def test_gpu_split_rows_match_the_row_kernel_and_reference(batch: int, vocab: int) -> None:
+    """The split-row kernels keep the row kernel's set (same float32 scores up to entropy rounding)."""
+    from samplers.kernels import triton_kernels
+
+    torch.manual_seed(1)
+    cond = 2 * torch.randn(batch, vocab, device="cuda")
+    uncond = 2 * torch.randn(batch, vocab, device="cuda")
+    cond[0, : vocab // 3] = NEG_INF
+    assert kernels.split_chunks(batch, vocab, cond.device) > 1  # the dispatcher splits these
+    for mass, keep_at_least in ((0.9, 1), (0.2, 1), (1e-6, 50)):
+        expected = reference.typical_filter_torch(cond, mass, keep_at_least)
+        for chunks in (1, 7, None):
+            ours = triton_kernels.typical_filter_triton(cond, mass, keep_at_least, chunks=chunks)
+            _assert_same_kept_set_up_to_near_ties(ours, expected, cond)
+            if keep_at_least > 1:
+                assert ((ours > NEG_INF).sum(-1) == keep_at_least).all()
+    uniforms = reference.row_uniforms(batch, cond.device, seed=3)
+    kwargs = {"temperature": 0.8, "min_tokens_to_keep": 1, "uniforms": uniforms}
+    row = triton_kernels.cfg_typical_sample_triton(cond, uncond, 1.5, 0.9, **kwargs, chunks=1)
+    split = triton_kernels.cfg_typical_sample_triton(cond, uncond, 1.5, 0.9, **kwargs, chunks=9)
+    expected = reference.cfg_typical_sample_torch(cond, uncond, 1.5, 0.9, **kwargs)
+    assert int((row == split).sum()) >= batch - 1 and int((split == expected).sum()) >= batch - 1
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_split_rows_edge_rows_and_no_read_back() -> None:
+    from samplers.kernels import triton_kernels
+
+    rows = torch.randn(3, 100_000, device="cuda")
+    rows[1] = NEG_INF
+    rows[2, 5] = math.nan
+    out = triton_kernels.typical_filter_triton(rows, 0.9, 1, -5.0, check_finite=False, chunks=8)
+    assert torch.isneginf(out[1]).all() and torch.isnan(out[2]).all() and not torch.isnan(out[0]).any()
+    with pytest.raises(ValueError, match=r"NaN or \+inf logits in rows \[2\]"):
+        triton_kernels.typical_filter_triton(rows, 0.9, chunks=8)
+    tokens = kernels.cfg_typical_sample(rows, None, 1.0, 0.9, seed=0, check_finite=False)
+    assert tokens[1:].tolist() == [-1, -1] and 0 <= int(tokens[0]) < 100_000
