@@ -16,6 +16,16 @@ The functions are pure (k-diffusion style): tensors and noise levels in, next sa
 diffusers integration (a denoiser wrapper plus a ``scheduler.step`` replacement) is
 ``guidance.diffusion.attach(pipe, scale, mode="cfgpp")``.
 
+Contract (every function): arguments are checked before any work, ``TypeError`` for a wrong
+type and ``ValueError`` naming the argument and its range otherwise: ``lambda`` in [0, 1] (a
+device tensor's values are read only by :func:`validate_cfgpp_scale` and the loops, never per
+step, to avoid a device sync), noise levels finite and non-negative, ``eta`` and ``s_noise``
+finite and >= 0, tensors floating point and of one shape. Finite inputs give finite outputs in
+float32, float16 and bfloat16 (computed in float32 at least, returned in ``x``'s dtype); no
+input is modified; the only randomness is the ``noise`` passed in (or drawn from the
+``generator`` / ``noise_sampler`` of a loop). ``lambda = 1`` with ``sigma_next = 0`` returns
+``cond`` bit for bit.
+
 Example:
     >>> import torch
     >>> from samplers.cfgpp import euler_cfgpp_step
