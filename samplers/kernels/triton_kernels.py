@@ -569,6 +569,8 @@ def _typical_kernel(
     BLOCK: tl.constexpr,
     SEARCH_BLOCK: tl.constexpr,
 ):
+    # long only through the argument lists of its helpers (Triton passes no structs): the steps
+    # are the passes of the module docstring.
     # the mass arrives as three float32 parts (kernel float arguments are float32) that sum to
     # the caller's float64 exactly, so the boundary is decided against the same number as on CPU
     mass = ((tl.zeros([], tl.float64) + mass_hi) + mass_mid) + mass_lo
