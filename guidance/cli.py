@@ -137,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from guidance.models import load_causal_lm, load_default_lm
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # the main job prints its result only
     model, tokenizer = load_default_lm() if args.model is None else load_causal_lm(args.model)
     model_name = "SmolLM2-135M-Instruct (embedded)" if args.model is None else args.model
 

@@ -113,7 +113,7 @@ def test_streamer_receives_every_generated_token(tiny_lm):
             self.ended = True
 
     streamer = Collect()
-    out = _gen(tiny_lm, PROMPT, guidance_scale=2.0, streamer=streamer, custom_generate=cfg_generate)
+    out = _gen(tiny_lm, PROMPT, guidance_scale=2.0, cfg_streamer=streamer, custom_generate=cfg_generate)
     assert streamer.ended
     assert streamer.chunks[0] == PROMPT[0].tolist()
     assert [token for chunk in streamer.chunks[1:] for token in chunk] == out[0, PROMPT.shape[1]:].tolist()
@@ -190,7 +190,7 @@ def test_raw_logit_form_differs_only_by_row_constants(tiny_lm):
     ("kwargs", "message"),
     [
         (dict(guidance_scale=2.0, negative_prompt_ids=torch.ones(3, 2, dtype=torch.long)), "negative_prompt_ids"),
-        (dict(guidance_scale=2.0, num_beams=2), "num_beams"),
+        (dict(guidance_scale=2.0, prompt_lookup_num_tokens=2), "assisted"),
         (dict(guidance_scale=2.0, guidance_schedule=Linear(1, 2)), "either"),
         (dict(guidance_schedule=lambda step: float("inf")), "finite"),
         (dict(guidance_scale=2.0, cfg_form="probs"), "cfg_form"),
