@@ -98,10 +98,11 @@ def test_a_folder_without_a_config_is_refused_before_loading(tmp_path, capsys, n
 
 
 def test_a_model_whose_tokenizer_cannot_load_exits_2_in_one_line(tiny_folder, tmp_path, capsys):
-    broken = tmp_path / "no-tokenizer"
+    broken = tmp_path / "broken-tokenizer"
     broken.mkdir()
-    for name in ("config.json", "model.safetensors"):
-        (broken / name).write_bytes((tiny_folder / name).read_bytes())
+    for path in tiny_folder.iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    (broken / "tokenizer.json").write_text("{ not json")
     assert main(["--model", str(broken), "--max-new-tokens", "2"]) == 2
     assert "does not load as a causal LM with its tokenizer" in _one_error_line(capsys)
 
