@@ -23,6 +23,7 @@ SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "typical_p")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The CLI's flags: one flat ``add_argument`` per flag (long, but it reads as the CLI's reference)."""
     parser = argparse.ArgumentParser(
         prog="guidance-decoding",
         description=(
