@@ -6,7 +6,7 @@ of each prompt with ``log_softmax`` of the guided next-token scores (then the ge
 config's processors), keeps the best ``max(2, 1 + #eos) * num_beams`` continuations, moves
 the best finished ones (length-penalised) into a ``num_beams``-wide pool of hypotheses, and
 continues the best unfinished ones. The KV cache rows of BOTH branches follow their beams
-(:meth:`guidance.lm.branches.TwoBranchForward.reorder`).
+(:meth:`guidance.lm.two_branch.TwoBranchForward.reorder`).
 
 The guided distribution is renormalised before it is added to the beam score, so beam
 scores are log-probabilities of the guided distribution: exactly what transformers' beam
@@ -27,7 +27,7 @@ from torch import LongTensor, Tensor
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation import GenerateBeamDecoderOnlyOutput
 
-from guidance.lm.branches import OutputRecord, TwoBranchForward
+from guidance.lm.two_branch import OutputRecord, TwoBranchForward
 
 __all__ = ["cfg_beam_search"]
 

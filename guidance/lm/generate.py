@@ -8,7 +8,7 @@
 
 transformers' own CFG (``UnbatchedClassifierFreeGuidanceLogitsProcessor``) runs the
 unconditional context as a second, sequential forward per token. Here the conditional and
-unconditional rows share ONE forward per step (:class:`guidance.lm.branches.TwoBranchForward`):
+unconditional rows share ONE forward per step (:class:`guidance.lm.two_branch.TwoBranchForward`):
 one ``2B`` batch and one KV cache, with left padding, attention masks and position ids that
 keep every row's positions right. When the guidance schedule is off (scale 1) for all
 remaining tokens, the unconditional rows leave the batch and the cache.
@@ -36,7 +36,7 @@ from guidance import ops
 from guidance.lm import compat
 from guidance.lm.batching import build_guided_batch, expand_negative_prompt
 from guidance.lm.beams import cfg_beam_search
-from guidance.lm.branches import OutputRecord, TwoBranchForward
+from guidance.lm.two_branch import OutputRecord, TwoBranchForward
 from guidance.schedules import Constant, Schedule, as_schedule
 
 __all__ = ["cfg_generate", "CFG_FORMS"]
