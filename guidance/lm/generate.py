@@ -36,6 +36,7 @@ from guidance import ops
 from guidance.lm import compat
 from guidance.lm.batching import build_guided_batch, expand_negative_prompt
 from guidance.lm.beams import cfg_beam_search
+from guidance.lm.sampling import sample_with_generator
 from guidance.lm.two_branch import OutputRecord, TwoBranchForward
 from guidance.schedules import Constant, Schedule, as_schedule
 
@@ -59,6 +60,7 @@ def cfg_generate(
     cfg_negative_prompt_ids: Tensor | None = None,
     cfg_negative_prompt_attention_mask: Tensor | None = None,
     cfg_streamer: Any = None,
+    generator: torch.Generator | None = None,
     **model_kwargs: Any,
 ) -> GenerateDecoderOnlyOutput | GenerateBeamDecoderOnlyOutput | LongTensor:
     """Classifier-free guidance decoding with one batched forward per token.
@@ -83,6 +85,8 @@ def cfg_generate(
     - ``cfg_streamer``: a streamer (``put``/``end``, e.g. ``TextIteratorStreamer``).
       transformers does not pass ``streamer=`` to a callable ``custom_generate`` (the streamer
       would receive the prompt and never end), so use this argument instead.
+    - ``generator``: a ``torch.Generator`` to sample from instead of torch's global one
+      (greedy search and sampling; see :mod:`guidance.lm.sampling`).
 
     Supported: greedy search, sampling, beam search and beam sampling (``num_beams``,
     ``num_return_sequences``, ``length_penalty``, ``early_stopping``; both branches' caches
@@ -111,6 +115,9 @@ def cfg_generate(
     streamer = _pick_streamer(model_kwargs.pop("streamer", None), cfg_streamer)
     mode = _validate(model, generation_config, model_kwargs, cfg_form, streamer)
     logits_processor, scale, negative_ids, negative_mask = _take_transformers_cfg(logits_processor)
+    if generator is not None and mode == "beam":
+        raise ValueError("`generator` is supported with greedy search and sampling, not with beam search.")
+    logits_processor, generation_config = sample_with_generator(generator, logits_processor, generation_config)
     if cfg_negative_prompt_ids is not None:
         if negative_ids is not None:
             raise ValueError("Pass either `negative_prompt_ids` or `cfg_negative_prompt_ids`, not both.")
