@@ -5,10 +5,19 @@ See :mod:`guidance.guiders.base` for the protocol adapters drive (``reset``, ``n
 """
 
 from guidance.guiders.apg import APG
+from guidance.guiders.autoguidance import AutoGuidance
 from guidance.guiders.base import GUIDER_SPACES, Guider, guide
 from guidance.guiders.beta import BetaCFG
 from guidance.guiders.cfg import CFG, RescaledCFG
 from guidance.guiders.perp_neg import PerpNeg
+from guidance.guiders.perturbed import (
+    PerturbedAttention,
+    PerturbedGuider,
+    SkipLayer,
+    SmoothedEnergy,
+    StochasticSelf,
+    TokenPerturbation,
+)
 from guidance.guiders.zero_star import CFGZeroStar
 
 __all__ = [
@@ -21,4 +30,11 @@ __all__ = [
     "BetaCFG",
     "guide",
     "GUIDER_SPACES",
+    "PerturbedGuider",
+    "PerturbedAttention",
+    "SmoothedEnergy",
+    "SkipLayer",
+    "TokenPerturbation",
+    "StochasticSelf",
+    "AutoGuidance",
 ]

@@ -22,6 +22,7 @@ from guidance.ops.apg import APG_CONVENTIONS, MomentumBuffer, apg
 from guidance.ops.beta import beta_cfg
 from guidance.ops.cfg import cfg, cfg_log_probs, cfg_logits, scale_from_ho_salimans, scale_to_ho_salimans
 from guidance.ops.perp_neg import perp_neg
+from guidance.ops.perturbed import PERTURBED_CONVENTIONS, autoguidance, perturbed_guidance
 from guidance.ops.rescale import cfg_rescaled, rescale
 from guidance.ops.zero_star import cfg_zero_star, zero_star_alpha
 
@@ -42,4 +43,7 @@ __all__ = [
     "cfg_zero_star",
     "perp_neg",
     "beta_cfg",
+    "PERTURBED_CONVENTIONS",
+    "perturbed_guidance",
+    "autoguidance",
 ]
