@@ -195,10 +195,11 @@ def test_every_perturbation_runs_batched_equal_to_separate_on_every_pipeline(nam
         expected = _run(name, pipe)
     with attach(pipe, make()) as batched:
         got = _run(name, pipe)
+    got, expected = torch.as_tensor(got), torch.as_tensor(expected)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert batched.stats.forward_calls == STEPS and separate.stats.forward_calls == 3 * STEPS
-    plain = _run(name, pipe)
+    plain = torch.as_tensor(_run(name, pipe))
     assert not torch.allclose(got, plain)  # the perturbation changed something
 
 
@@ -271,12 +272,10 @@ def _drive(theirs, ours, steps=10, with_uncond=True, extra_name="perturbed"):
     for step in range(steps):
         c, u, p = (torch.randn(2, 4, 8, 8, generator=gen) for _ in range(3))
         theirs.set_state(step=step, num_inference_steps=steps, timestep=torch.tensor(999 - 100 * step))
-        names = theirs._input_predictions
-        given = {"pred_cond": c}
-        if theirs.num_conditions >= 2:
-            given[names[1]] = u if (theirs._is_cfg_enabled() if hasattr(theirs, "_is_slg_enabled") else True) else p
-        if theirs.num_conditions == 3:
-            given[names[2]] = p
+        cfg_on = theirs._is_cfg_enabled()
+        perturb_on = (theirs._is_seg_enabled if hasattr(theirs, "_is_seg_enabled") else theirs._is_slg_enabled)()
+        given = {"pred_cond": c, "pred_uncond": u if cfg_on else None}
+        given[theirs._input_predictions[2]] = p if perturb_on else None
         expected = theirs.forward(**given).pred
         kwargs = {extra_name: p}
         got = ours(c, u, step=step, num_steps=steps, **kwargs)
@@ -296,7 +295,7 @@ def test_pag_slg_seg_match_diffusers_guiders_step_by_step(cfg):
         (SkipLayerGuidance(cfg, 2.8, skip_layer_config=LayerSkipConfig(indices=[0], fqn="transformer_blocks")),
          SkipLayer(cfg, 2.8, layers="transformer_blocks.0", convention="diffusers")),
         (SmoothedEnergyGuidance(cfg, 2.8, seg_guidance_config=SmoothedEnergyGuidanceConfig(indices=[0], fqn="transformer_blocks")),
-         SmoothedEnergy(cfg, 2.8, start=0.01, stop=0.2, convention="diffusers")),
+         SmoothedEnergy(cfg, 2.8, start=0.0, stop=1.0, convention="diffusers")),
     ]
     for theirs, ours in pairs:
         _drive(theirs, ours, steps=20)
@@ -381,3 +380,65 @@ def test_guide_converts_every_extra_branch_to_x0():
 
     torch.testing.assert_close(out, from_x0(expected_x0, x, "epsilon", level))
     assert APG  # the existing x0 guider still imports
+
+
+# ------------------------------------------------------------------ modular components (SD3 modular pipeline)
+
+
+@functools.cache
+def _sd3_modular():
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers.modular_pipelines.stable_diffusion_3.modular_blocks_stable_diffusion_3 import (
+        StableDiffusion3T2ICoreDenoiseStep,
+    )
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
+    ).eval()
+    pipe = StableDiffusion3T2ICoreDenoiseStep().init_pipeline()
+    pipe.update_components(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler())
+    return pipe, transformer
+
+
+def _modular_run(guider):
+    pipe, transformer = _sd3_modular()
+    calls = []
+    handle = transformer.register_forward_hook(lambda m, a, o: calls.append(1))
+    gen = torch.Generator().manual_seed(1)
+    embeds = {
+        "prompt_embeds": torch.randn(2, 5, 32, generator=gen),
+        "pooled_prompt_embeds": torch.randn(2, 64, generator=gen),
+        "negative_prompt_embeds": torch.randn(2, 5, 32, generator=gen),
+        "negative_pooled_prompt_embeds": torch.randn(2, 64, generator=gen),
+    }
+    pipe.update_components(guider=guider)
+    try:
+        latents = pipe(**embeds, height=32, width=32, num_inference_steps=3,
+                       generator=torch.Generator().manual_seed(0), output="latents")
+    finally:
+        handle.remove()
+    return latents, len(calls)
+
+
+def test_modular_pag_and_slg_components_equal_diffusers_guiders_in_the_sd3_modular_pipeline():
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    from guidance.diffusion.modular_perturbed import PAGGuidance, SLGGuidance
+
+    _, transformer = _sd3_modular()
+    processors, hooks = _processors(transformer), _hook_count(transformer)
+    # diffusers' own SkipLayerGuidance cannot be the reference here: its whole-block skip hook
+    # returns SD3's joint-block outputs in the wrong order (the run fails on a reshape).
+    ours, calls = _modular_run(SLGGuidance(5.0, 2.8, layers="transformer_blocks.0", perturbed_start=0.0,
+                                           perturbed_stop=1.0, convention="diffusers"))
+    assert calls == 2 * 1 + 3 * 2 and torch.isfinite(ours).all()  # strict window: step 0 without the skip branch
+    pag, pag_calls = _modular_run(PAGGuidance(5.0, 3.0, layers="transformer_blocks.1"))
+    assert pag_calls == 9 and torch.isfinite(pag).all()
+    cfg, _ = _modular_run(ClassifierFreeGuidance(5.0))
+    assert not torch.allclose(pag, cfg) and not torch.allclose(ours, cfg)
+    off, off_calls = _modular_run(PAGGuidance(5.0, 0.0, layers="transformer_blocks.1"))
+    assert torch.equal(off, cfg) and off_calls == 6
+    now = _processors(transformer)
+    assert all(now[k] is processors[k] for k in processors) and _hook_count(transformer) == hooks + 0

@@ -47,6 +47,15 @@ class ShuffleTokens:
         self.matcher, self.spec = layer_matcher(layers), layers
         self.calls = 0
 
+    def reset(self) -> None:
+        """Restart the permutation sequence (start of a sampling run)."""
+        self.calls = 0
+
+    def blocks(self, module: Any) -> list[tuple[str, Any]]:
+        """The outermost matched sub-modules (a match inside another match is not hooked twice)."""
+        chosen = select(module, self.matcher)
+        return [(n, m) for n, m in chosen if not any(n.startswith(o + ".") for o, _ in chosen if o != n)]
+
     @contextlib.contextmanager
     def apply(self, module: Any, rows: slice | None) -> Iterator[None]:
         generator = torch.Generator().manual_seed(self.seed + self.calls)
@@ -61,7 +70,7 @@ class ShuffleTokens:
             return args, kwargs
 
         try:
-            for _, block in select(module, self.matcher):
+            for _, block in self.blocks(module):
                 handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
             yield
         finally:
