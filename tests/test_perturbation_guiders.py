@@ -27,7 +27,12 @@ from guidance.diffusion.perturbations import (
     blur_queries,
     layer_matcher,
 )
-from guidance.diffusion.testing import tiny_dit, tiny_stable_diffusion, tiny_stable_diffusion_3, tiny_stable_diffusion_xl
+from guidance.diffusion.testing import (
+    tiny_dit,
+    tiny_stable_diffusion,
+    tiny_stable_diffusion_3,
+    tiny_stable_diffusion_xl,
+)
 from guidance.guiders import (
     AutoGuidance,
     PerturbedAttention,
