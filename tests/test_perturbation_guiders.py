@@ -218,7 +218,8 @@ def _digits():
 
 
 def _digits_run(pipe, **kw):
-    return pipe([1, 7, 3], guidance_scale=2.0, num_inference_steps=4, output_type="latent",
+    kw.setdefault("guidance_scale", 2.0)
+    return pipe([1, 7, 3], num_inference_steps=4, output_type="latent",
                 generator=[torch.Generator().manual_seed(i) for i in range(3)], **kw).images
 
 
@@ -361,7 +362,7 @@ def test_guider_validation_and_extremes():
     c = torch.ones(1, 4)
     with pytest.raises(ValueError, match="perturbed"):
         guider(c, c, step=0)
-    assert guider(c, None, step=0, num_steps=4, perturbed=c) is not c
+    torch.testing.assert_close(PerturbedAttention(1.0, 2.0)(c, None, step=0, perturbed=c * 0), 3 * c)
     assert PerturbedAttention(1.0, 0.0)(c, None, step=0) is c
     half = torch.ones(1, 4, dtype=torch.float16) * 6e4
     out = ops.perturbed_guidance(half, half, half * 0, 2.0, 0.5)
