@@ -88,7 +88,19 @@ class RowProcessor:
     def __init__(self, original: Any, perturbed: Callable[..., Any], rows: slice | None):
         self.original, self.perturbed, self.rows = original, perturbed, rows
 
-    def __call__(self, attn: Any, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        temb: Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        # Named parameters: diffusers' Attention passes only the keywords a processor declares.
+        named = {"encoder_hidden_states": encoder_hidden_states, "attention_mask": attention_mask, "temb": temb}
+        kwargs = {**{k: v for k, v in named.items() if v is not None}, **kwargs}
         if self.rows is None:
             return self.perturbed(attn, hidden_states, *args, **kwargs)
         n = hidden_states.shape[0]
