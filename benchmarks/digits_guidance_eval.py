@@ -47,17 +47,23 @@ from guidance.guiders import (  # noqa: E402
     APG,
     CFG,
     APGMix,
+    AutoGuidance,
     CFGNorm,
     CFGZeroStar,
     FrequencyDecoupled,
     FreSca,
     IndependentCondition,
     MagnitudeAware,
+    PerturbedAttention,
     RenormCFG,
     RescaledCFG,
     SimilarityAdaptive,
+    SkipLayer,
+    SmoothedEnergy,
+    StochasticSelf,
     TangentialCFG,
     TimestepGuidance,
+    TokenPerturbation,
 )
 from guidance.models.digits import (  # noqa: E402
     NUM_CLASSES,
@@ -122,6 +128,37 @@ NEW_GUIDERS: dict[str, tuple[Callable[[float], Any], str]] = {
 }
 
 
+# The perturbation guiders of issue 12 (guidance from a perturbed forward or a weaker model). The
+# scale axis is the same as CFG's: ``p + w (c - p)`` with ``p`` the perturbed (or weak) prediction,
+# i.e. perturbed scale ``s = w - 1`` and no CFG; ``*_cfg`` rows add the perturbation (s = 1) to CFG at w.
+# The digits UNet has self-attention at 2x2 in down_blocks.2, mid_block and up_blocks.0.
+def _weak_unet() -> Any:
+    from guidance.models.digits_weak import load_digits_weak_unet
+
+    return load_digits_weak_unet()
+
+
+PERTURBED_GUIDERS: dict[str, tuple[Callable[[float], Any], str]] = {
+    "pag": (lambda w: PerturbedAttention(1.0, w - 1.0, layers="mid"), "identity attention in mid, s=w-1, no CFG"),
+    "pag_cfg": (lambda w: PerturbedAttention(w, 1.0, layers="mid"), "CFG w + PAG s=1 (mid)"),
+    "seg": (lambda w: SmoothedEnergy(1.0, w - 1.0, layers="mid"), "mean query in mid, s=w-1, no CFG"),
+    "slg": (
+        lambda w: SkipLayer(1.0, w - 1.0, layers="mid_block.attentions.0", start=0.0, stop=1.0),
+        "mid attention skipped, every step, s=w-1, no CFG",
+    ),
+    "slg_cfg": (
+        lambda w: SkipLayer(w, 1.0, layers="mid_block.attentions.0"),
+        "CFG w + SLG s=1, window 0.01-0.2",
+    ),
+    "tpg": (lambda w: TokenPerturbation(1.0, w - 1.0, layers="mid_block.attentions.0"), "tokens shuffled before mid attention, s=w-1"),
+    "s2g": (
+        lambda w: StochasticSelf(1.0, w - 1.0, layers="*.attentions.[0-9]", ratio=0.5),
+        "2 of 4 attention layers dropped at random per step, s=w-1",
+    ),
+    "autoguidance": (lambda w: AutoGuidance(w, model=_weak_unet()), "weak model: 1/4 channels, 600 steps"),
+}
+
+
 def build_settings(
     scales: tuple[float, ...], lambdas: tuple[float, ...], methods: set[str] | None
 ) -> list[Setting]:
@@ -168,7 +205,7 @@ def build_settings(
                 f"w for sigma in ({INTERVAL_SIGMA[0]}, {INTERVAL_SIGMA[1]}]",
             ),
         ]
-        for method, (make, note) in NEW_GUIDERS.items():
+        for method, (make, note) in (NEW_GUIDERS | PERTURBED_GUIDERS).items():
             settings.append(Setting(method, w, lambda w=w, make=make: {"guider": make(w)}, note))
     top = max(scales)
     settings.append(
@@ -393,6 +430,14 @@ PLOT_STYLE = {
     "icg": ("sienna", "X"),
     "tsg": ("darkslategray", "*"),
     "tsg_gentle": ("silver", "*"),
+    "pag": ("crimson", "P"),
+    "pag_cfg": ("lightcoral", "P"),
+    "seg": ("darkcyan", "d"),
+    "slg": ("olive", "s"),
+    "slg_cfg": ("yellowgreen", "s"),
+    "tpg": ("indigo", "v"),
+    "s2g": ("peru", "^"),
+    "autoguidance": ("black", "h"),
 }
 SWEPT = [m for m in PLOT_STYLE if m not in ("adaptive", "cutoff")]
 

@@ -27,6 +27,7 @@ from guidance.ops.fresca import FRESCA_CONVENTIONS, frequency_scale, fresca
 from guidance.ops.magnitude import magnitude_ratio, mambo_g
 from guidance.ops.mahiro import MAHIRO_CONVENTIONS, mahiro
 from guidance.ops.perp_neg import perp_neg
+from guidance.ops.perturbed import PERTURBED_CONVENTIONS, autoguidance, perturbed_guidance
 from guidance.ops.projection import project
 from guidance.ops.renorm import RENORM_CONVENTIONS, cfg_norm, cfg_renorm, renorm
 from guidance.ops.rescale import cfg_rescaled, rescale
@@ -50,6 +51,9 @@ __all__ = [
     "cfg_zero_star",
     "perp_neg",
     "beta_cfg",
+    "PERTURBED_CONVENTIONS",
+    "perturbed_guidance",
+    "autoguidance",
     "project",
     "tangential_damping",
     "tcfg",
