@@ -35,6 +35,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from guidance.tensors import per_sample
+from guidance.validation import check_range, check_same_shape, check_tensor
+
 __all__ = [
     "PREDICTION_TYPES",
     "NoiseLevel",
@@ -61,7 +64,16 @@ Level = float | Tensor
 
 
 def normalize_prediction_type(prediction_type: str) -> str:
-    """diffusers' name for ``prediction_type``; ``ValueError`` listing the valid names otherwise."""
+    """diffusers' name for ``prediction_type``; ``ValueError`` listing the valid names otherwise.
+
+    Args:
+        prediction_type (str): one of :data:`PREDICTION_TYPES` or an alias (``eps``, ``v``, ``x0``, ``flow``).
+
+    Example:
+        >>> from guidance.spaces import normalize_prediction_type
+        >>> normalize_prediction_type("eps")
+        'epsilon'
+    """
     if not isinstance(prediction_type, str) or prediction_type not in _ALIASES:
         raise ValueError(
             f"`prediction_type` must be one of {PREDICTION_TYPES} (or the aliases eps, v, x0, flow), "
@@ -70,22 +82,20 @@ def normalize_prediction_type(prediction_type: str) -> str:
     return _ALIASES[prediction_type]
 
 
-def _check_unit_interval(value: Level, name: str) -> None:
-    if isinstance(value, Tensor):
-        ok = bool(torch.isfinite(value).all()) and bool(((value >= 0) & (value <= 1)).all())
-    else:
-        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and 0.0 <= value <= 1.0
-    if not ok:
-        raise ValueError(f"`{name}` must be in [0, 1], got {value!r}.")
-
-
-def _check_non_negative(value: Level, name: str) -> None:
-    if isinstance(value, Tensor):
-        ok = bool(torch.isfinite(value).all()) and bool((value >= 0).all())
-    else:
-        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and 0.0 <= value < math.inf
-    if not ok:
-        raise ValueError(f"`{name}` must be finite and >= 0, got {value!r}.")
+def _check_level(value: Any, name: str, hi: float = math.inf) -> Level:
+    """A number in ``[0, hi]`` (finite), or a floating tensor of shape ``()``, ``(B,)`` or ``(B, 1, ..., 1)``
+    whose values are (one device sync: noise levels are checked where they enter, once per step)."""
+    if not isinstance(value, Tensor):
+        return check_range(value, name, 0.0, hi, hi_open=math.isinf(hi))
+    check_tensor(value, name, floating=True)
+    if value.ndim > 1 and any(size != 1 for size in value.shape[1:]):
+        raise ValueError(
+            f"`{name}` must be a number or a tensor of shape (), (B,) or (B, 1, ..., 1), got shape {tuple(value.shape)}."
+        )
+    if not bool((torch.isfinite(value) & (value >= 0) & (value <= hi)).all()):
+        interval = f"[0, {hi}]" if math.isfinite(hi) else "[0, inf)"
+        raise ValueError(f"`{name}` must hold finite numbers in {interval}, got {value}.")
+    return value
 
 
 def _sqrt(value: Level) -> Level:
@@ -98,28 +108,49 @@ class NoiseLevel:
 
     ``is_flow`` marks a flow-matching path (``alpha = 1 - sigma``), the only one on which the
     ``"flow_prediction"`` velocity is defined.
+
+    Args:
+        alpha (float | Tensor): signal coefficient, a finite number ``>= 0`` or a floating tensor of
+            shape ``()``, ``(B,)`` or ``(B, 1, ..., 1)`` of them (checked once, with a device sync).
+        sigma (float | Tensor): noise coefficient, likewise.
+        is_flow (bool): whether this is a flow-matching level.
+
+    Example:
+        >>> from guidance.spaces import NoiseLevel
+        >>> NoiseLevel.ddpm(0.25)
+        NoiseLevel(alpha=0.5, sigma=0.8660254037844386, is_flow=False)
+        >>> NoiseLevel(float("nan"), 0.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: `alpha` must be a number in [0.0, inf), got nan.
     """
 
     alpha: Level
     sigma: Level
     is_flow: bool = False
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.is_flow, bool):
+            raise TypeError(f"`is_flow` must be a bool, got {type(self.is_flow).__name__}.")
+        object.__setattr__(self, "alpha", _check_level(self.alpha, "alpha"))
+        object.__setattr__(self, "sigma", _check_level(self.sigma, "sigma"))
+
     @classmethod
     def ddpm(cls, alpha_cumprod: Level) -> NoiseLevel:
-        """Variance-preserving level from ``alpha_cumprod`` (``alphas_cumprod[t]``) at the current timestep."""
-        _check_unit_interval(alpha_cumprod, "alpha_cumprod")
+        """Variance-preserving level from ``alpha_cumprod`` (``alphas_cumprod[t]``, in ``[0, 1]``)."""
+        alpha_cumprod = _check_level(alpha_cumprod, "alpha_cumprod", 1.0)
         return cls(_sqrt(alpha_cumprod), _sqrt(1 - alpha_cumprod))
 
     @classmethod
     def flow_matching(cls, sigma: Level) -> NoiseLevel:
-        """Rectified-flow level ``x_t = (1 - sigma) x0 + sigma * noise`` (SD3's ``scheduler.sigmas[i]``)."""
-        _check_unit_interval(sigma, "sigma")
+        """Rectified-flow level ``x_t = (1 - sigma) x0 + sigma * noise`` (SD3's ``scheduler.sigmas[i]``, in ``[0, 1]``)."""
+        sigma = _check_level(sigma, "sigma", 1.0)
         return cls(1 - sigma, sigma, is_flow=True)
 
     @classmethod
     def karras(cls, sigma: Level) -> NoiseLevel:
-        """Variance-exploding level ``x_t = x0 + sigma * eps`` (k-diffusion's unscaled sample)."""
-        _check_non_negative(sigma, "sigma")
+        """Variance-exploding level ``x_t = x0 + sigma * eps`` (k-diffusion's unscaled sample; ``sigma`` finite ``>= 0``)."""
+        sigma = _check_level(sigma, "sigma")
         return cls(torch.ones_like(sigma) if isinstance(sigma, Tensor) else 1.0, sigma)
 
     @classmethod
@@ -203,38 +234,37 @@ def scheduler_prediction_type(scheduler: Any) -> str:
     return normalize_prediction_type(prediction_type)
 
 
-def _coefficients(level: NoiseLevel, like: Tensor) -> tuple[Level, Level]:
-    if not isinstance(level, NoiseLevel):
-        raise ValueError(
-            f"`noise_level` must be a guidance.spaces.NoiseLevel (e.g. NoiseLevel.ddpm(alpha_cumprod)), got {level!r}."
-        )
+def _coefficients(level: NoiseLevel, like: Tensor, dtype: torch.dtype) -> tuple[Level, Level]:
+    batch = like.shape[0] if like.ndim else 1
 
-    def shaped(value: Level) -> Level:
+    def shaped(value: Level, name: str) -> Level:
         if not isinstance(value, Tensor):
             return float(value)
-        value = value.to(device=like.device, dtype=like.dtype)
-        if value.ndim == 1 and like.ndim > 1:
-            value = value.reshape(-1, *([1] * (like.ndim - 1)))
-        return value
+        if value.numel() not in (1, batch):
+            raise ValueError(f"`noise_level.{name}` holds {value.numel()} values for a batch of {batch} samples.")
+        return per_sample(value.to(device=like.device, dtype=dtype), like)
 
-    return shaped(level.alpha), shaped(level.sigma)
+    return shaped(level.alpha, "alpha"), shaped(level.sigma, "sigma")
 
 
 def _any_zero(value: Level) -> bool:
     return bool((value == 0).any()) if isinstance(value, Tensor) else value == 0
 
 
-def _prepare(pred: Tensor, sample: Tensor, prediction_type: str, level: NoiseLevel | None):
+def _prepare(pred: Tensor, sample: Tensor, prediction_type: str, level: NoiseLevel | None, name: str = "pred"):
     prediction_type = normalize_prediction_type(prediction_type)
+    check_tensor(pred, name, floating=True)
+    check_tensor(sample, "sample", floating=True)
     if level is None:
         raise ValueError(
             "The scheduler state is missing: pass `noise_level` (NoiseLevel.ddpm(alpha_cumprod), "
             "NoiseLevel.flow_matching(sigma), NoiseLevel.karras(sigma) or NoiseLevel.from_scheduler(...))."
         )
-    if pred.shape != sample.shape:
-        raise ValueError(
-            f"prediction and `sample` shapes differ: {tuple(pred.shape)} vs {tuple(sample.shape)}."
+    if not isinstance(level, NoiseLevel):
+        raise TypeError(
+            f"`noise_level` must be a guidance.spaces.NoiseLevel (e.g. NoiseLevel.ddpm(alpha_cumprod)), got {level!r}."
         )
+    check_same_shape(pred, sample, name, "sample")
     if prediction_type == "flow_prediction" and not level.is_flow:
         raise ValueError(
             "`prediction_type='flow_prediction'` needs a flow-matching level (NoiseLevel.flow_matching)."
@@ -245,15 +275,33 @@ def _prepare(pred: Tensor, sample: Tensor, prediction_type: str, level: NoiseLev
             "predict 'flow_prediction'."
         )
     dtype = torch.promote_types(pred.dtype, torch.float32)
-    alpha, sigma = _coefficients(level, pred.to(dtype))
+    alpha, sigma = _coefficients(level, pred, dtype)
     return prediction_type, dtype, alpha, sigma
 
 
 def to_x0(pred: Tensor, sample: Tensor, prediction_type: str, noise_level: NoiseLevel | None) -> Tensor:
     """The denoised estimate x0 from a model prediction of ``prediction_type`` at ``sample = x_t``.
 
-    Computed in float32 at least, returned in ``pred``'s dtype. Raises ``ValueError`` where the
-    conversion is singular (eps at ``alpha = 0``: pure noise carries no x0 information).
+    Args:
+        pred (Tensor): the model's prediction, floating point, batch first.
+        sample (Tensor): the denoiser's input ``x_t``, same shape.
+        prediction_type (str): ``"epsilon"``, ``"v_prediction"``, ``"sample"`` or ``"flow_prediction"``
+            (or an alias, see :func:`normalize_prediction_type`).
+        noise_level (NoiseLevel): the level of ``sample`` (``TypeError`` for another type;
+            per-sample tensors must have ``B`` or 1 values).
+
+    Returns:
+        Tensor: x0 in ``pred``'s dtype, computed in float32 at least (``pred`` itself for
+        ``"sample"``). A result beyond the dtype's range is ``+-inf``; values are not inspected.
+
+    Raises ``ValueError`` where the conversion is singular (eps at ``alpha = 0``: pure noise carries
+    no x0 information; checked with a device sync for tensor levels).
+
+    Example:
+        >>> import torch
+        >>> from guidance.spaces import NoiseLevel, to_x0
+        >>> to_x0(torch.tensor([[1.0]]), torch.tensor([[1.0]]), "epsilon", NoiseLevel.karras(0.5))
+        tensor([[0.5000]])
     """
     prediction_type, dtype, alpha, sigma = _prepare(pred, sample, prediction_type, noise_level)
     if prediction_type == "sample":
@@ -267,8 +315,7 @@ def to_x0(pred: Tensor, sample: Tensor, prediction_type: str, noise_level: Noise
         x0 = (x - sigma * p) / alpha
     elif prediction_type == "v_prediction":
         r2 = alpha * alpha + sigma * sigma
-        r = r2.sqrt() if isinstance(r2, Tensor) else math.sqrt(r2)
-        x0 = (alpha * x - sigma * r * p) / r2
+        x0 = (alpha * x - sigma * _sqrt(r2) * p) / r2
     else:
         x0 = x - sigma * p
     return x0.to(pred.dtype)
@@ -277,9 +324,24 @@ def to_x0(pred: Tensor, sample: Tensor, prediction_type: str, noise_level: Noise
 def from_x0(x0: Tensor, sample: Tensor, prediction_type: str, noise_level: NoiseLevel | None) -> Tensor:
     """The prediction of ``prediction_type`` whose x0 (at ``sample = x_t``) is ``x0``: inverse of :func:`to_x0`.
 
+    Args:
+        x0 (Tensor): the denoised estimate, floating point, batch first.
+        sample (Tensor): the denoiser's input ``x_t``, same shape.
+        prediction_type (str): the prediction type to return (see :func:`to_x0`).
+        noise_level (NoiseLevel): the level of ``sample``.
+
+    Returns:
+        Tensor: the prediction in ``x0``'s dtype, computed in float32 at least (``x0`` itself for ``"sample"``).
+
     Raises ``ValueError`` at ``sigma = 0`` for eps, v and flow velocity (no noise left to predict).
+
+    Example:
+        >>> import torch
+        >>> from guidance.spaces import NoiseLevel, from_x0
+        >>> from_x0(torch.tensor([[0.5]]), torch.tensor([[1.0]]), "epsilon", NoiseLevel.karras(0.5))
+        tensor([[1.]])
     """
-    prediction_type, dtype, alpha, sigma = _prepare(x0, sample, prediction_type, noise_level)
+    prediction_type, dtype, alpha, sigma = _prepare(x0, sample, prediction_type, noise_level, "x0")
     if prediction_type == "sample":
         return x0
     if _any_zero(sigma):
@@ -291,8 +353,7 @@ def from_x0(x0: Tensor, sample: Tensor, prediction_type: str, noise_level: Noise
         out = (x - alpha * d) / sigma
     elif prediction_type == "v_prediction":
         r2 = alpha * alpha + sigma * sigma
-        r = r2.sqrt() if isinstance(r2, Tensor) else math.sqrt(r2)
-        out = (alpha * x - r2 * d) / (sigma * r)
+        out = (alpha * x - r2 * d) / (sigma * _sqrt(r2))
     else:
         out = (x - d) / sigma
     return out.to(x0.dtype)
@@ -301,7 +362,22 @@ def from_x0(x0: Tensor, sample: Tensor, prediction_type: str, noise_level: Noise
 def convert(
     pred: Tensor, sample: Tensor, from_type: str, to_type: str, noise_level: NoiseLevel | None
 ) -> Tensor:
-    """A prediction of ``from_type`` as one of ``to_type`` (through x0); returns ``pred`` when the types match."""
+    """A prediction of ``from_type`` as one of ``to_type`` (through x0); ``pred`` itself when the types match.
+
+    Args:
+        pred (Tensor): the prediction, floating point, batch first.
+        sample (Tensor): the denoiser's input ``x_t``, same shape.
+        from_type (str): ``pred``'s prediction type.
+        to_type (str): the wanted prediction type.
+        noise_level (NoiseLevel): the level of ``sample``.
+
+    Example:
+        >>> import torch
+        >>> from guidance.spaces import NoiseLevel, convert
+        >>> convert(torch.tensor([[1.0]]), torch.tensor([[1.0]]), "eps", "x0", NoiseLevel.karras(0.5))
+        tensor([[0.5000]])
+    """
     if normalize_prediction_type(from_type) == normalize_prediction_type(to_type):
+        _prepare(pred, sample, from_type, noise_level)
         return pred
     return from_x0(to_x0(pred, sample, from_type, noise_level), sample, to_type, noise_level)

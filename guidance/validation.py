@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -39,6 +40,10 @@ __all__ = [
     "check_tensor",
     "check_same_shape",
     "check_no_nan",
+    "check_logits",
+    "check_dims",
+    "check_dims_setting",
+    "check_optional_int",
 ]
 
 
@@ -48,12 +53,7 @@ def is_real_number(value: Any) -> bool:
         return False
     if isinstance(value, Tensor):
         return value.ndim == 0 and not value.is_complex() and not value.dtype == torch.bool
-    try:
-        import numbers
-
-        return isinstance(value, numbers.Real)
-    except ImportError:  # pragma: no cover
-        return isinstance(value, (int, float))
+    return isinstance(value, numbers.Real)
 
 
 def check_number(value: Any, name: str) -> float:
@@ -94,37 +94,60 @@ def check_range(
 
 
 def check_int(value: Any, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
-    """An integer (``bool`` refused) with optional inclusive bounds."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        if not (isinstance(value, Tensor) and value.ndim == 0 and not value.is_floating_point()):
-            raise TypeError(f"`{name}` must be an integer, got {type(value).__name__} {value!r}.")
-        value = int(value)
+    """An integer (Python, NumPy or a 0-d integer tensor; ``bool`` refused) with optional inclusive bounds.
+
+    Example:
+        >>> from guidance.validation import check_int
+        >>> check_int(2.0, "step")
+        Traceback (most recent call last):
+        ...
+        TypeError: `step` must be an integer, got float 2.0.
+    """
+    if isinstance(value, Tensor) and value.ndim == 0 and not value.is_floating_point() and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an integer, got {type(value).__name__} {value!r}.")
+    value = int(value)
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         lo = "-inf" if minimum is None else minimum
         hi = "inf" if maximum is None else maximum
         raise ValueError(f"`{name}` must be an integer in [{lo}, {hi}], got {value!r}.")
-    return int(value)
+    return value
+
+
+def check_optional_int(value: Any, name: str, minimum: int | None = None) -> int | None:
+    """``None`` or an integer ``>= minimum`` (see :func:`check_int`)."""
+    return None if value is None else check_int(value, name, minimum)
 
 
 def check_choice(value: Any, name: str, choices: Iterable[Any]) -> Any:
-    """One of ``choices``."""
+    """One of ``choices`` (``ValueError`` listing them otherwise)."""
     choices = tuple(choices)
-    if value not in choices:
+    try:
+        ok = value in choices
+    except TypeError:  # an unhashable or incomparable value
+        ok = False
+    if not ok:
         raise ValueError(f"`{name}` must be one of {', '.join(repr(c) for c in choices)}; got {value!r}.")
     return value
 
 
-def check_tensor(value: Any, name: str, *, floating: bool = False) -> Tensor:
-    """A ``torch.Tensor`` (a floating-point one with ``floating=True``)."""
+def check_tensor(value: Any, name: str, *, floating: bool = False, min_ndim: int = 0) -> Tensor:
+    """A ``torch.Tensor`` (``TypeError`` otherwise), floating-point with ``floating=True``
+    (``TypeError``), with at least ``min_ndim`` dimensions (``ValueError``)."""
     if not isinstance(value, Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}.")
     if floating and not value.is_floating_point():
         raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {value.dtype}.")
+    if value.ndim < min_ndim:
+        raise ValueError(
+            f"`{name}` must have at least {min_ndim} dimension(s) (batch first), got shape {tuple(value.shape)}."
+        )
     return value
 
 
 def check_same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
-    """Two tensors of one shape."""
+    """Two tensors of one shape (``ValueError`` naming both otherwise)."""
     if a.shape != b.shape:
         raise ValueError(
             f"`{name_a}` and `{name_b}` must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}."
@@ -138,28 +161,119 @@ def check_no_nan(value: Tensor, name: str) -> Tensor:
     return value
 
 
+def check_logits(value: Tensor, name: str) -> Tensor:
+    """Scores a softmax can take: finite numbers or ``-inf`` (masked); NaN and ``+inf`` are refused. Syncs.
+
+    Example:
+        >>> import torch
+        >>> from guidance.validation import check_logits
+        >>> check_logits(torch.tensor([0.0, float("inf")]), "cond_logits")
+        Traceback (most recent call last):
+        ...
+        ValueError: `cond_logits` contains +inf; every entry must be a finite number or -inf (masked).
+    """
+    if not value.is_floating_point():
+        return value
+    check_no_nan(value, name)
+    if bool(torch.isposinf(value).any()):
+        raise ValueError(f"`{name}` contains +inf; every entry must be a finite number or -inf (masked).")
+    return value
+
+
+def _check_real_tensor(value: Tensor, name: str) -> None:
+    if value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"`{name}` must be a real tensor, got dtype {value.dtype}.")
+
+
 def check_scale(scale: Any, name: str = "guidance_scale") -> float | Tensor:
     """A guidance scale: a finite real number, or a real tensor of finite numbers (syncs once).
 
-    Returns a Python ``float`` for numbers and the tensor unchanged otherwise.
+    Returns a Python ``float`` for numbers and the tensor unchanged otherwise. Call it where a
+    tensor scale enters (a guider, an adapter); operators use :func:`check_batch_scale`, which
+    does not look at tensor values.
     """
     if isinstance(scale, Tensor):
-        if scale.is_complex() or scale.dtype == torch.bool:
-            raise TypeError(f"`{name}` must be a real tensor, got dtype {scale.dtype}.")
+        _check_real_tensor(scale, name)
         if not bool(torch.isfinite(scale).all()):
             raise ValueError(f"`{name}` must be finite real numbers in (-inf, inf), got {scale}.")
         return scale
     return check_finite(scale, name)
 
 
-def check_batch_scale(scale: float | Tensor, batch: int, name: str = "guidance_scale") -> None:
-    """A tensor scale must be a scalar or hold one value per sample: shape ``()``, ``(1,)`` or ``(batch,)``
-    (optionally followed by singleton dimensions). Numbers always pass. Does not sync."""
-    if not isinstance(scale, Tensor) or scale.ndim == 0:
-        return
+def check_batch_scale(scale: Any, batch: int, name: str = "guidance_scale") -> float | Tensor:
+    """A scale as the operators take it, checked without a device sync.
+
+    A number must be finite (returned as ``float``). A tensor must be real and hold one value or one
+    value per sample: shape ``()``, ``(1,)`` or ``(batch,)``, optionally followed by singleton
+    dimensions (returned unchanged). Tensor values are not inspected (that would synchronise
+    with the device): check them with :func:`check_scale` where they enter.
+
+    Example:
+        >>> import torch
+        >>> from guidance.validation import check_batch_scale
+        >>> check_batch_scale(torch.tensor([1.0, 2.0, 3.0]), 2, "scale")
+        Traceback (most recent call last):
+        ...
+        ValueError: `scale` must be a number or a tensor of shape (), (1,) or (2,) (one scale per sample), got shape (3,).
+    """
+    if not isinstance(scale, Tensor):
+        return check_finite(scale, name)
+    _check_real_tensor(scale, name)
+    if scale.ndim == 0:
+        return scale
     leading = scale.shape[0]
     if leading not in (1, batch) or any(s != 1 for s in scale.shape[1:]):
         raise ValueError(
             f"`{name}` must be a number or a tensor of shape (), (1,) or ({batch},) (one scale per sample), "
             f"got shape {tuple(scale.shape)}."
         )
+    return scale
+
+
+def check_dims(dims: Any, ndim: int, name: str = "dims") -> list[int]:
+    """Per-sample reduction dimensions of an ``ndim``-d tensor whose first dimension is the batch.
+
+    ``None`` means every non-batch dimension. Otherwise an int or a sequence of distinct ints in
+    ``[-ndim, ndim)`` that does not name the batch dimension (``0`` or ``-ndim``): reducing over
+    it would mix samples. Returns non-negative dimensions.
+
+    Example:
+        >>> from guidance.validation import check_dims
+        >>> check_dims(None, 4), check_dims((-1, -2), 4)
+        ([1, 2, 3], [3, 2])
+    """
+    if dims is None:
+        return list(range(1, ndim))
+    items = [dims] if isinstance(dims, numbers.Integral) and not isinstance(dims, bool) else dims
+    try:
+        items = [check_int(d, name) for d in items]
+    except TypeError as error:
+        raise TypeError(f"`{name}` must be None, an int or a sequence of ints, got {dims!r}.") from error
+    resolved = [d % ndim if -ndim <= d < ndim else None for d in items]
+    if not items or None in resolved or 0 in resolved or len(set(resolved)) != len(resolved):
+        raise ValueError(
+            f"`{name}` must be distinct dimensions in [{-ndim + 1}, -1] or [1, {ndim - 1}] of a {ndim}-d tensor "
+            f"(the batch dimension 0 excluded), got {dims!r}."
+        )
+    return resolved
+
+
+def check_dims_setting(dims: Any, name: str = "dims") -> int | tuple[int, ...] | None:
+    """A ``dims`` setting stored before any tensor is seen (a guider, a policy): ``None``, an int or a
+    tuple of distinct non-zero ints. :func:`check_dims` checks it against the tensor later.
+
+    Example:
+        >>> from guidance.validation import check_dims_setting
+        >>> check_dims_setting([-1, -2])
+        (-1, -2)
+    """
+    if dims is None:
+        return None
+    single = isinstance(dims, numbers.Integral) and not isinstance(dims, bool)
+    try:
+        items = tuple(check_int(d, name) for d in ([dims] if single else dims))
+    except TypeError as error:
+        raise TypeError(f"`{name}` must be None, an int or a tuple of ints, got {dims!r}.") from error
+    if not items or 0 in items or len(set(items)) != len(items):
+        raise ValueError(f"`{name}` must be distinct non-batch dimensions (never 0), got {dims!r}.")
+    return items[0] if single else items

@@ -68,10 +68,9 @@ def test_user_callables_of_any_arity():
     [
         (lambda: Constant(math.inf), "scale"),
         (lambda: Window(2.0, start_step=3, end_step=1), "end_step"),
-        (lambda: Interval(2.0, sigma_lo=2.0, sigma_hi=1.0), "sigma_lo"),
+        (lambda: Interval(2.0, sigma_lo=2.0, sigma_hi=1.0), "sigma_hi"),
         (lambda: Cutoff(2.0, fraction=1.5), "fraction"),
         (lambda: BetaPdf(2.0, a=0.0), "a"),
-        (lambda: as_schedule("fast"), "Schedule or a callable"),
         (lambda: Linear(1.0, 2.0)(0), "num_steps"),
         (lambda: Interval(2.0, 0.1)(0), "sigma"),
     ],
@@ -79,3 +78,9 @@ def test_user_callables_of_any_arity():
 def test_bad_schedules_are_rejected(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.parametrize("bad", ["fast", True, None, [1.0]])
+def test_as_schedule_rejects_wrong_types(bad):
+    with pytest.raises(TypeError, match="Schedule or a callable"):
+        as_schedule(bad)

@@ -165,7 +165,6 @@ def test_prediction_type_aliases():
     [
         (lambda p, x: to_x0(p, x, "noise", NoiseLevel.ddpm(0.5)), "prediction_type"),
         (lambda p, x: to_x0(p, x, "epsilon", None), "noise_level"),
-        (lambda p, x: to_x0(p, x, "epsilon", 0.5), "noise_level"),
         (lambda p, x: to_x0(p, x, "flow_prediction", NoiseLevel.ddpm(0.5)), "flow"),
         (lambda p, x: to_x0(p, x, "v_prediction", NoiseLevel.flow_matching(0.5)), "flow_prediction"),
         (lambda p, x: to_x0(p, x, "epsilon", NoiseLevel.flow_matching(1.0)), "alpha = 0"),
@@ -184,3 +183,13 @@ def test_bad_input(call, message):
     pred, sample = _tensors()
     with pytest.raises(ValueError, match=message):
         call(pred, sample)
+
+
+def test_wrong_types_raise_type_error():
+    pred, sample = _tensors()
+    with pytest.raises(TypeError, match="noise_level"):
+        to_x0(pred, sample, "epsilon", 0.5)
+    with pytest.raises(TypeError, match="sample"):
+        to_x0(pred, sample.numpy(), "epsilon", NoiseLevel.ddpm(0.5))
+    with pytest.raises(TypeError, match="is_flow"):
+        NoiseLevel(0.5, 0.5, is_flow=1)
