@@ -162,7 +162,9 @@ def check_no_nan(value: Tensor, name: str) -> Tensor:
 
 
 def check_logits(value: Tensor, name: str) -> Tensor:
-    """Scores a softmax can take: finite numbers or ``-inf`` (masked); NaN and ``+inf`` are refused. Syncs.
+    """Scores a softmax can take: finite numbers or ``-inf`` (masked); NaN and ``+inf`` are refused.
+
+    One device sync when the scores are valid (call it where scores enter, or only on a slow path).
 
     Example:
         >>> import torch
@@ -172,12 +174,10 @@ def check_logits(value: Tensor, name: str) -> Tensor:
         ...
         ValueError: `cond_logits` contains +inf; every entry must be a finite number or -inf (masked).
     """
-    if not value.is_floating_point():
+    if not value.is_floating_point() or not bool((torch.isnan(value) | torch.isposinf(value)).any()):
         return value
     check_no_nan(value, name)
-    if bool(torch.isposinf(value).any()):
-        raise ValueError(f"`{name}` contains +inf; every entry must be a finite number or -inf (masked).")
-    return value
+    raise ValueError(f"`{name}` contains +inf; every entry must be a finite number or -inf (masked).")
 
 
 def _check_real_tensor(value: Tensor, name: str) -> None:
