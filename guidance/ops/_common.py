@@ -71,10 +71,14 @@ def _as_batch_scale(scale: Scale, like: Tensor) -> Scale:
 
 
 def _combine(cond: Tensor, uncond: Tensor, w: float | Tensor) -> Tensor:
-    """``u + w (c - u)`` (the reference operation order), with the convex form ``(1 - w) u + w c``
-    where ``c - u`` overflows (huge values of opposite signs): finite wherever the exact result is."""
+    """``u + w (c - u)`` (the reference operation order), with the form ``(1 - w) u + w c`` where
+    that overflows (``c - u`` or ``w (c - u)`` beyond the range while the result is not): finite
+    wherever the exact result is representable, never NaN for finite inputs. No device sync."""
     guided = uncond + w * (cond - uncond)
-    return torch.where(torch.isfinite(guided), guided, (1 - w) * uncond + w * cond)
+    convex = (1 - w) * uncond + w * cond
+    # Both forms overflow only where the exact result is out of range: keep the inf, not inf - inf.
+    convex = torch.where(torch.isnan(convex), guided, convex)
+    return torch.where(torch.isfinite(guided), guided, convex)
 
 
 def _pin_rows(w: float | Tensor, guided: Tensor, one: Tensor, zero: Tensor | None = None) -> Tensor:
