@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from guidance.tensors import per_sample
+from guidance.tensors import float64_device, per_sample, work_dtype
 from guidance.validation import check_range, check_same_shape, check_tensor
 
 __all__ = [
@@ -234,7 +234,8 @@ def scheduler_prediction_type(scheduler: Any) -> str:
     return normalize_prediction_type(prediction_type)
 
 
-def _coefficients(level: NoiseLevel, like: Tensor, dtype: torch.dtype) -> tuple[Level, Level]:
+def _coefficients(level: NoiseLevel, like: Tensor) -> tuple[Level, Level]:
+    """``alpha`` and ``sigma`` as Python floats or float64 ``(B, 1, ..., 1)`` tensors on ``like``'s device."""
     batch = like.shape[0] if like.ndim else 1
 
     def shaped(value: Level, name: str) -> Level:
@@ -242,9 +243,19 @@ def _coefficients(level: NoiseLevel, like: Tensor, dtype: torch.dtype) -> tuple[
             return float(value)
         if value.numel() not in (1, batch):
             raise ValueError(f"`noise_level.{name}` holds {value.numel()} values for a batch of {batch} samples.")
-        return per_sample(value.to(device=like.device, dtype=dtype), like)
+        return per_sample(value.to(device=float64_device(like), dtype=torch.float64), like)
 
     return shaped(level.alpha, "alpha"), shaped(level.sigma, "sigma")
+
+
+def _mix(a: Level, x: Tensor, b: Level, y: Tensor, dtype: torch.dtype) -> Tensor:
+    """``a x + b y`` in ``dtype`` with per-sample coefficients computed beforehand (in float64), so no
+    intermediate is larger than its term: finite wherever ``a x`` and ``b y`` are."""
+    if isinstance(a, Tensor):
+        a = a.to(device=x.device, dtype=dtype)
+    if isinstance(b, Tensor):
+        b = b.to(device=x.device, dtype=dtype)
+    return a * x.to(dtype) + b * y.to(dtype)
 
 
 def _any_zero(value: Level) -> bool:
@@ -274,9 +285,38 @@ def _prepare(pred: Tensor, sample: Tensor, prediction_type: str, level: NoiseLev
             "`prediction_type='v_prediction'` is the variance-preserving velocity; flow-matching models "
             "predict 'flow_prediction'."
         )
-    dtype = torch.promote_types(pred.dtype, torch.float32)
-    alpha, sigma = _coefficients(level, pred, dtype)
-    return prediction_type, dtype, alpha, sigma
+    alpha, sigma = _coefficients(level, pred)
+    return prediction_type, work_dtype(pred), alpha, sigma
+
+
+def _to_x0_coefficients(prediction_type: str, alpha: Level, sigma: Level) -> tuple[Level, Level]:
+    """``(a, b)`` with ``x0 = a * x_t + b * pred``; ``ValueError`` where that is singular."""
+    if prediction_type == "sample":
+        return 0.0, 1.0
+    if prediction_type == "epsilon":
+        if _any_zero(alpha):
+            raise ValueError(
+                "Cannot convert an eps prediction to x0 at alpha = 0 (pure noise, alpha_cumprod = 0)."
+            )
+        return 1 / alpha, -sigma / alpha  # (x - sigma eps) / alpha
+    if prediction_type == "v_prediction":
+        r2 = alpha * alpha + sigma * sigma
+        return alpha / r2, -sigma / _sqrt(r2)  # (alpha x - sigma r v) / r^2
+    return 1.0, -sigma  # x - sigma v_flow
+
+
+def _from_x0_coefficients(prediction_type: str, alpha: Level, sigma: Level) -> tuple[Level, Level]:
+    """``(a, b)`` with ``pred = a * x_t + b * x0``; ``ValueError`` where that is singular."""
+    if prediction_type == "sample":
+        return 0.0, 1.0
+    if _any_zero(sigma):
+        raise ValueError(f"Cannot convert x0 to a {prediction_type!r} prediction at sigma = 0 (no noise left).")
+    if prediction_type == "epsilon":
+        return 1 / sigma, -alpha / sigma  # (x - alpha x0) / sigma
+    if prediction_type == "v_prediction":
+        r = _sqrt(alpha * alpha + sigma * sigma)
+        return alpha / (sigma * r), -r / sigma  # (alpha x - r^2 x0) / (sigma r)
+    return 1 / sigma, -1 / sigma  # (x - x0) / sigma
 
 
 def to_x0(pred: Tensor, sample: Tensor, prediction_type: str, noise_level: NoiseLevel | None) -> Tensor:
@@ -291,8 +331,9 @@ def to_x0(pred: Tensor, sample: Tensor, prediction_type: str, noise_level: Noise
             per-sample tensors must have ``B`` or 1 values).
 
     Returns:
-        Tensor: x0 in ``pred``'s dtype, computed in float32 at least (``pred`` itself for
-        ``"sample"``). A result beyond the dtype's range is ``+-inf``; values are not inspected.
+        Tensor: x0 in ``pred``'s dtype (``pred`` itself for ``"sample"``), computed in float32 at least
+        as ``a * sample + b * pred`` with the coefficients ``a``, ``b`` computed first in float64:
+        finite wherever both terms are. Values are not inspected (no device sync).
 
     Raises ``ValueError`` where the conversion is singular (eps at ``alpha = 0``: pure noise carries
     no x0 information; checked with a device sync for tensor levels).
@@ -306,19 +347,8 @@ def to_x0(pred: Tensor, sample: Tensor, prediction_type: str, noise_level: Noise
     prediction_type, dtype, alpha, sigma = _prepare(pred, sample, prediction_type, noise_level)
     if prediction_type == "sample":
         return pred
-    p, x = pred.to(dtype), sample.to(dtype)
-    if prediction_type == "epsilon":
-        if _any_zero(alpha):
-            raise ValueError(
-                "Cannot convert an eps prediction to x0 at alpha = 0 (pure noise, alpha_cumprod = 0)."
-            )
-        x0 = (x - sigma * p) / alpha
-    elif prediction_type == "v_prediction":
-        r2 = alpha * alpha + sigma * sigma
-        x0 = (alpha * x - sigma * _sqrt(r2) * p) / r2
-    else:
-        x0 = x - sigma * p
-    return x0.to(pred.dtype)
+    a, b = _to_x0_coefficients(prediction_type, alpha, sigma)
+    return _mix(a, sample, b, pred, dtype).to(pred.dtype)
 
 
 def from_x0(x0: Tensor, sample: Tensor, prediction_type: str, noise_level: NoiseLevel | None) -> Tensor:
@@ -331,7 +361,8 @@ def from_x0(x0: Tensor, sample: Tensor, prediction_type: str, noise_level: Noise
         noise_level (NoiseLevel): the level of ``sample``.
 
     Returns:
-        Tensor: the prediction in ``x0``'s dtype, computed in float32 at least (``x0`` itself for ``"sample"``).
+        Tensor: the prediction in ``x0``'s dtype (``x0`` itself for ``"sample"``), computed like
+        :func:`to_x0` (float64 coefficients, one linear combination).
 
     Raises ``ValueError`` at ``sigma = 0`` for eps, v and flow velocity (no noise left to predict).
 
@@ -344,25 +375,18 @@ def from_x0(x0: Tensor, sample: Tensor, prediction_type: str, noise_level: Noise
     prediction_type, dtype, alpha, sigma = _prepare(x0, sample, prediction_type, noise_level, "x0")
     if prediction_type == "sample":
         return x0
-    if _any_zero(sigma):
-        raise ValueError(
-            f"Cannot convert x0 to a {prediction_type!r} prediction at sigma = 0 (no noise left)."
-        )
-    d, x = x0.to(dtype), sample.to(dtype)
-    if prediction_type == "epsilon":
-        out = (x - alpha * d) / sigma
-    elif prediction_type == "v_prediction":
-        r2 = alpha * alpha + sigma * sigma
-        out = (alpha * x - r2 * d) / (sigma * _sqrt(r2))
-    else:
-        out = (x - d) / sigma
-    return out.to(x0.dtype)
+    a, b = _from_x0_coefficients(prediction_type, alpha, sigma)
+    return _mix(a, sample, b, x0, dtype).to(x0.dtype)
 
 
 def convert(
     pred: Tensor, sample: Tensor, from_type: str, to_type: str, noise_level: NoiseLevel | None
 ) -> Tensor:
-    """A prediction of ``from_type`` as one of ``to_type`` (through x0); ``pred`` itself when the types match.
+    """A prediction of ``from_type`` as one of ``to_type``; ``pred`` itself when the types match.
+
+    The two steps through x0 are folded into one linear combination ``a * sample + b * pred`` whose
+    coefficients are computed in float64, so an x0 that would overflow on the way does not matter.
+    Singular where :func:`to_x0` or :func:`from_x0` is.
 
     Args:
         pred (Tensor): the prediction, floating point, batch first.
@@ -377,7 +401,11 @@ def convert(
         >>> convert(torch.tensor([[1.0]]), torch.tensor([[1.0]]), "eps", "x0", NoiseLevel.karras(0.5))
         tensor([[0.5000]])
     """
-    if normalize_prediction_type(from_type) == normalize_prediction_type(to_type):
-        _prepare(pred, sample, from_type, noise_level)
+    to_type = normalize_prediction_type(to_type)
+    from_type, dtype, alpha, sigma = _prepare(pred, sample, from_type, noise_level)
+    if from_type == to_type:
         return pred
-    return from_x0(to_x0(pred, sample, from_type, noise_level), sample, to_type, noise_level)
+    _prepare(pred, sample, to_type, noise_level)
+    a1, b1 = _to_x0_coefficients(from_type, alpha, sigma)
+    a2, b2 = _from_x0_coefficients(to_type, alpha, sigma)
+    return _mix(a2 + b2 * a1, sample, b2 * b1, pred, dtype).to(pred.dtype)

@@ -50,9 +50,12 @@ def _check_pair(cond: Tensor, uncond: Tensor, names: tuple[str, str] = ("cond", 
     check_same_shape(cond, uncond, *names)
 
 
-def _check_scale(scale: Scale, like: Tensor, name: str = "scale") -> float | Tensor:
-    """A finite number (as ``float``) or a real tensor with one value or one per sample (values not read)."""
-    return check_batch_scale(scale, like.shape[0] if like.ndim else 1, name)
+def _check_scale(scale: Scale, like: Tensor, name: str = "scale", *, rows: bool = False) -> float | Tensor:
+    """A finite number (as ``float``) or a real tensor with one value or one per sample (values not read).
+
+    ``rows=True`` (scores with the vocabulary last): a 1-d tensor is one row, so one scale."""
+    batch = like.shape[0] if like.ndim > int(rows) else 1
+    return check_batch_scale(scale, batch, name)
 
 
 def _is_one(scale: Scale) -> bool:
@@ -125,7 +128,9 @@ def _vector_batch(fn):
             for key in ("negative", "uncond", "cond"):
                 if isinstance(kwargs.get(key), Tensor) and kwargs[key].ndim == 1:
                     kwargs[key] = kwargs[key].unsqueeze(-1)
-            return fn(cond.unsqueeze(-1), *args, **kwargs).squeeze(-1)
+            column = cond.unsqueeze(-1)
+            out = fn(column, *args, **kwargs)
+            return cond if out is column else out.squeeze(-1)  # guidance off stays `cond` itself
         return fn(cond, *args, **kwargs)
 
     return wrapped

@@ -106,9 +106,11 @@ def cfg_logits(cond_logits: Tensor, uncond_logits: Tensor, scale: Scale) -> Tens
     temperature/top-k/top-p/typical/min-p, but its scores (and beam scores, repetition penalty) differ.
 
     Args:
-        cond_logits (Tensor): ``(..., V)`` conditional scores, floating point; finite or ``-inf`` (masked).
+        cond_logits (Tensor): ``(V,)`` or ``(B, ..., V)`` conditional scores, floating point; finite or
+            ``-inf`` (masked). The last dimension is the vocabulary.
         uncond_logits (Tensor): unconditional scores, same shape.
-        scale (float | Tensor): ``w``, a finite real number or a tensor of shape ``()``, ``(1,)``, ``(B,)``.
+        scale (float | Tensor): ``w``, a finite real number or a tensor of shape ``()``, ``(1,)`` or
+            ``(B,)`` (one scale per row; a ``(V,)`` input is one row).
 
     Returns:
         Tensor: ``cond_logits`` itself at ``scale == 1`` and ``uncond_logits`` itself at
@@ -128,7 +130,7 @@ def cfg_logits(cond_logits: Tensor, uncond_logits: Tensor, scale: Scale) -> Tens
         tensor([[2., -inf]])
     """
     _check_pair(cond_logits, uncond_logits, ("cond_logits", "uncond_logits"))
-    scale = _check_scale(scale, cond_logits)
+    scale = _check_scale(scale, cond_logits, rows=True)
     if _is_one(scale):
         return cond_logits
     if _is_zero(scale):
@@ -150,9 +152,11 @@ def cfg_log_probs(cond_logits: Tensor, uncond_logits: Tensor, scale: Scale) -> T
     float operations in the same order (bit-identical in float32).
 
     Args:
-        cond_logits (Tensor): ``(..., V)`` conditional scores, floating point; finite or ``-inf`` (masked).
+        cond_logits (Tensor): ``(V,)`` or ``(B, ..., V)`` conditional scores, floating point; finite or
+            ``-inf`` (masked). The last dimension is the vocabulary.
         uncond_logits (Tensor): unconditional scores, same shape.
-        scale (float | Tensor): ``w``, a finite real number or a tensor of shape ``()``, ``(1,)``, ``(B,)``.
+        scale (float | Tensor): ``w``, a finite real number or a tensor of shape ``()``, ``(1,)`` or
+            ``(B,)`` (one scale per row; a ``(V,)`` input is one row).
 
     Returns:
         Tensor: at ``scale == 1``, ``cond_logits`` itself (not normalised, values not inspected),
@@ -174,7 +178,7 @@ def cfg_log_probs(cond_logits: Tensor, uncond_logits: Tensor, scale: Scale) -> T
     """
     names = ("cond_logits", "uncond_logits")
     _check_pair(cond_logits, uncond_logits, names)
-    scale = _check_scale(scale, cond_logits)
+    scale = _check_scale(scale, cond_logits, rows=True)
     if _is_one(scale):
         return cond_logits
     dtype = torch.promote_types(cond_logits.dtype, torch.float32)
