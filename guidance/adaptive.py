@@ -115,15 +115,24 @@ def _check_step(step: int, num_steps: int | None) -> int:
 
 @runtime_checkable
 class UncondPolicy(Protocol):
-    """Decides per step and per sample whether the unconditional prediction is still evaluated."""
+    """Decides per step and per sample whether the unconditional prediction is still evaluated.
 
-    def reset(self) -> None: ...
+    Implemented by :class:`AdaptiveGuidance` and :class:`RatioCutoff`.
 
-    def needs_uncond(self, step: int, num_steps: int | None, batch_size: int) -> Tensor: ...
+    Example:
+        >>> from guidance.adaptive import RatioCutoff, UncondPolicy
+        >>> isinstance(RatioCutoff(0.5), UncondPolicy)
+        True
+    """
 
-    def update(
-        self, step: int, cond: Tensor, uncond: Tensor, rows: Tensor | None = None
-    ) -> Tensor | None: ...
+    def reset(self) -> None:
+        """Start of a sampling run."""
+
+    def needs_uncond(self, step: int, num_steps: int | None, batch_size: int) -> Tensor:
+        """``(B,)`` bool mask: ``step`` (int ``>= 0``), ``num_steps`` (int ``>= 1`` or ``None``), ``batch_size`` (int ``>= 1``)."""
+
+    def update(self, step: int, cond: Tensor, uncond: Tensor, rows: Tensor | None = None) -> Tensor | None:
+        """After a step: ``step`` (int ``>= 0``), ``cond``/``uncond`` of the evaluated samples, ``rows`` their mask."""
 
 
 class AdaptiveGuidance:
@@ -281,7 +290,7 @@ class RatioCutoff:
         return torch.full((batch_size,), step <= self.cutoff_step(num_steps), dtype=torch.bool)
 
     def update(self, step: int, cond: Tensor, uncond: Tensor, rows: Tensor | None = None) -> None:
-        """Nothing to record."""
+        """Nothing to record (the arguments ``step``, ``cond``, ``uncond``, ``rows`` are ignored)."""
         return None
 
     def __repr__(self) -> str:

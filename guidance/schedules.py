@@ -58,7 +58,16 @@ __all__ = [
 
 @runtime_checkable
 class Schedule(Protocol):
-    """Anything callable as ``schedule(step, num_steps=None, sigma=None) -> float``."""
+    """Anything callable as ``schedule(step, num_steps=None, sigma=None) -> float``.
+
+    Arguments of a call: ``step`` (int, ``>= 0``), ``num_steps`` (int ``>= 1`` or ``None``), ``sigma``
+    (float ``>= 0`` or ``None``); the result is the guidance scale, a finite float.
+
+    Example:
+        >>> from guidance.schedules import Linear, Schedule
+        >>> isinstance(Linear(1.0, 2.0), Schedule)
+        True
+    """
 
     def __call__(self, step: int, num_steps: int | None = None, sigma: float | None = None) -> float: ...
 

@@ -66,7 +66,17 @@ def work_dtype(x: Tensor) -> torch.dtype:
 
 
 def float64_device(x: Tensor) -> torch.device:
-    """Where float64 math on ``x`` can run: its own device, or the CPU for MPS/NPU (no float64 there)."""
+    """Where float64 math on ``x`` can run: its own device, or the CPU for MPS/NPU (no float64 there).
+
+    Args:
+        x (Tensor): any tensor.
+
+    Example:
+        >>> import torch
+        >>> from guidance.tensors import float64_device
+        >>> float64_device(torch.zeros(1))
+        device(type='cpu')
+    """
     return torch.device("cpu") if x.device.type in {"mps", "npu"} else x.device
 
 

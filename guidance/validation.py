@@ -48,7 +48,16 @@ __all__ = [
 
 
 def is_real_number(value: Any) -> bool:
-    """``True`` for Python/NumPy real numbers (not ``bool``) and 0-d real tensors."""
+    """``True`` for Python/NumPy real numbers (not ``bool``) and 0-d real tensors.
+
+    Args:
+        value (Any): anything.
+
+    Example:
+        >>> from guidance.validation import is_real_number
+        >>> is_real_number(2.5), is_real_number(True), is_real_number("2")
+        (True, False, False)
+    """
     if isinstance(value, bool):
         return False
     if isinstance(value, Tensor):
@@ -57,14 +66,36 @@ def is_real_number(value: Any) -> bool:
 
 
 def check_number(value: Any, name: str) -> float:
-    """A real number (``bool`` refused); returns it as ``float``. NaN and infinities pass."""
+    """A real number (``bool`` refused); returns it as ``float``. NaN and infinities pass.
+
+    Args:
+        value (Any): the argument's value.
+        name (str): the argument's name, used in the ``TypeError``.
+
+    Example:
+        >>> from guidance.validation import check_number
+        >>> check_number(3, "scale")
+        3.0
+    """
     if not is_real_number(value):
         raise TypeError(f"`{name}` must be a real number, got {type(value).__name__} {value!r}.")
     return float(value)
 
 
 def check_finite(value: Any, name: str) -> float:
-    """A finite real number in (-inf, inf)."""
+    """A finite real number in (-inf, inf), returned as ``float``.
+
+    Args:
+        value (Any): the argument's value.
+        name (str): the argument's name, used in the error.
+
+    Example:
+        >>> from guidance.validation import check_finite
+        >>> check_finite(float("inf"), "eta")
+        Traceback (most recent call last):
+        ...
+        ValueError: `eta` must be a finite real number in (-inf, inf), got inf.
+    """
     number = check_number(value, name)
     if not math.isfinite(number):
         raise ValueError(f"`{name}` must be a finite real number in (-inf, inf), got {value!r}.")
@@ -83,6 +114,22 @@ def check_range(
     NaN is always refused; an infinite end is allowed only when that end of the interval is
     infinite and closed (``check_range(x, "w", 0, math.inf)`` accepts ``inf``; pass
     ``hi_open=True`` to refuse it).
+
+    Args:
+        value (Any): the argument's value.
+        name (str): the argument's name, used in the error.
+        lo (float): lower end (``-inf`` allowed).
+        hi (float): upper end (``inf`` allowed).
+        lo_open (bool): exclude ``lo``.
+        hi_open (bool): exclude ``hi``.
+
+    Example:
+        >>> import math
+        >>> from guidance.validation import check_range
+        >>> check_range(math.inf, "gamma", 0.0, math.inf, hi_open=True)
+        Traceback (most recent call last):
+        ...
+        ValueError: `gamma` must be a number in [0.0, inf), got inf.
     """
     number = check_number(value, name)
     ok = (lo < number if lo_open else lo <= number) and (number < hi if hi_open else number <= hi)
@@ -95,6 +142,12 @@ def check_range(
 
 def check_int(value: Any, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
     """An integer (Python, NumPy or a 0-d integer tensor; ``bool`` refused) with optional inclusive bounds.
+
+    Args:
+        value (Any): the argument's value.
+        name (str): the argument's name, used in the error.
+        minimum (int | None): inclusive lower bound, if any.
+        maximum (int | None): inclusive upper bound, if any.
 
     Example:
         >>> from guidance.validation import check_int
@@ -116,12 +169,34 @@ def check_int(value: Any, name: str, minimum: int | None = None, maximum: int | 
 
 
 def check_optional_int(value: Any, name: str, minimum: int | None = None) -> int | None:
-    """``None`` or an integer ``>= minimum`` (see :func:`check_int`)."""
+    """``None`` or an integer ``>= minimum`` (see :func:`check_int`).
+
+    Args:
+        value (Any): the argument's value.
+        name (str): the argument's name, used in the error.
+        minimum (int | None): inclusive lower bound, if any.
+
+    Example:
+        >>> from guidance.validation import check_optional_int
+        >>> check_optional_int(None, "num_steps", 1) is None
+        True
+    """
     return None if value is None else check_int(value, name, minimum)
 
 
 def check_choice(value: Any, name: str, choices: Iterable[Any]) -> Any:
-    """One of ``choices`` (``ValueError`` listing them otherwise)."""
+    """One of ``choices`` (``ValueError`` listing them otherwise).
+
+    Args:
+        value (Any): the argument's value.
+        name (str): the argument's name, used in the error.
+        choices (Iterable): the allowed values.
+
+    Example:
+        >>> from guidance.validation import check_choice
+        >>> check_choice("paper", "convention", ("paper", "diffusers"))
+        'paper'
+    """
     choices = tuple(choices)
     try:
         ok = value in choices
@@ -134,7 +209,22 @@ def check_choice(value: Any, name: str, choices: Iterable[Any]) -> Any:
 
 def check_tensor(value: Any, name: str, *, floating: bool = False, min_ndim: int = 0) -> Tensor:
     """A ``torch.Tensor`` (``TypeError`` otherwise), floating-point with ``floating=True``
-    (``TypeError``), with at least ``min_ndim`` dimensions (``ValueError``)."""
+    (``TypeError``), with at least ``min_ndim`` dimensions (``ValueError``).
+
+    Args:
+        value (Any): the argument's value.
+        name (str): the argument's name, used in the error.
+        floating (bool): require a floating-point dtype.
+        min_ndim (int): the least number of dimensions.
+
+    Example:
+        >>> import torch
+        >>> from guidance.validation import check_tensor
+        >>> check_tensor(torch.zeros(2, dtype=torch.long), "cond", floating=True)
+        Traceback (most recent call last):
+        ...
+        TypeError: `cond` must be a floating-point tensor, got dtype torch.int64.
+    """
     if not isinstance(value, Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}.")
     if floating and not value.is_floating_point():
@@ -147,7 +237,19 @@ def check_tensor(value: Any, name: str, *, floating: bool = False, min_ndim: int
 
 
 def check_same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
-    """Two tensors of one shape (``ValueError`` naming both otherwise)."""
+    """Two tensors of one shape (``ValueError`` naming both otherwise).
+
+    Args:
+        a (Tensor): the first tensor.
+        b (Tensor): the second tensor.
+        name_a (str): the first argument's name.
+        name_b (str): the second argument's name.
+
+    Example:
+        >>> import torch
+        >>> from guidance.validation import check_same_shape
+        >>> check_same_shape(torch.zeros(2), torch.zeros(2), "cond", "uncond")
+    """
     if a.shape != b.shape:
         raise ValueError(
             f"`{name_a}` and `{name_b}` must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}."
@@ -155,7 +257,18 @@ def check_same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
 
 
 def check_no_nan(value: Tensor, name: str) -> Tensor:
-    """A tensor without NaN (``-inf``/``+inf`` pass: they mean masked or saturated entries). Syncs."""
+    """A tensor without NaN (``-inf``/``+inf`` pass: they mean masked or saturated entries). Syncs.
+
+    Args:
+        value (Tensor): the tensor.
+        name (str): the argument's name, used in the error.
+
+    Example:
+        >>> import torch
+        >>> from guidance.validation import check_no_nan
+        >>> check_no_nan(torch.tensor([0.0, -float("inf")]), "scores")
+        tensor([0., -inf])
+    """
     if value.is_floating_point() and bool(torch.isnan(value).any()):
         raise ValueError(f"`{name}` contains NaN; every entry must be a number or -inf (masked).")
     return value
@@ -165,6 +278,10 @@ def check_logits(value: Tensor, name: str) -> Tensor:
     """Scores a softmax can take: finite numbers or ``-inf`` (masked); NaN and ``+inf`` are refused.
 
     One device sync when the scores are valid (call it where scores enter, or only on a slow path).
+
+    Args:
+        value (Tensor): the scores (non-floating tensors pass unchecked).
+        name (str): the argument's name, used in the error.
 
     Example:
         >>> import torch
@@ -191,6 +308,18 @@ def check_scale(scale: Any, name: str = "guidance_scale") -> float | Tensor:
     Returns a Python ``float`` for numbers and the tensor unchanged otherwise. Call it where a
     tensor scale enters (a guider, an adapter); operators use :func:`check_batch_scale`, which
     does not look at tensor values.
+
+    Args:
+        scale (Any): the scale.
+        name (str): the argument's name, used in the error.
+
+    Example:
+        >>> import torch
+        >>> from guidance.validation import check_scale
+        >>> check_scale(torch.tensor([1.0, float("nan")]), "guidance_scale")
+        Traceback (most recent call last):
+        ...
+        ValueError: `guidance_scale` must be finite real numbers in (-inf, inf), got tensor([1., nan]).
     """
     if isinstance(scale, Tensor):
         _check_real_tensor(scale, name)
@@ -207,6 +336,11 @@ def check_batch_scale(scale: Any, batch: int, name: str = "guidance_scale") -> f
     value per sample: shape ``()``, ``(1,)`` or ``(batch,)``, optionally followed by singleton
     dimensions (returned unchanged). Tensor values are not inspected (that would synchronise
     with the device): check them with :func:`check_scale` where they enter.
+
+    Args:
+        scale (Any): the scale.
+        batch (int): the batch size of the tensors it scales.
+        name (str): the argument's name, used in the error.
 
     Example:
         >>> import torch
@@ -237,6 +371,11 @@ def check_dims(dims: Any, ndim: int, name: str = "dims") -> list[int]:
     ``[-ndim, ndim)`` that does not name the batch dimension (``0`` or ``-ndim``): reducing over
     it would mix samples. Returns non-negative dimensions.
 
+    Args:
+        dims (Any): ``None``, an int or a sequence of ints.
+        ndim (int): the number of dimensions of the tensor reduced.
+        name (str): the argument's name, used in the error.
+
     Example:
         >>> from guidance.validation import check_dims
         >>> check_dims(None, 4), check_dims((-1, -2), 4)
@@ -261,6 +400,10 @@ def check_dims(dims: Any, ndim: int, name: str = "dims") -> list[int]:
 def check_dims_setting(dims: Any, name: str = "dims") -> int | tuple[int, ...] | None:
     """A ``dims`` setting stored before any tensor is seen (a guider, a policy): ``None``, an int or a
     tuple of distinct non-zero ints. :func:`check_dims` checks it against the tensor later.
+
+    Args:
+        dims (Any): ``None``, an int or a sequence of ints.
+        name (str): the argument's name, used in the error.
 
     Example:
         >>> from guidance.validation import check_dims_setting

@@ -99,7 +99,13 @@ class Guider:
         return check_finite(self.schedule(step, num_steps, sigma), "schedule(step)")
 
     def needs_uncond(self, step: int, num_steps: int | None = None, sigma: float | None = None) -> bool:
-        """Whether the unconditional prediction is needed at ``step``; ``False`` lets adapters skip it."""
+        """Whether the unconditional prediction is needed at ``step``; ``False`` lets adapters skip it.
+
+        Args:
+            step (int): the step, an integer ``>= 0``.
+            num_steps (int | None): total number of steps (``>= 1``) when known.
+            sigma (float | None): the current noise level (``>= 0``) when known.
+        """
         return self.scale_at(step, num_steps, sigma) != 1.0
 
     def reset(self) -> None:
@@ -107,7 +113,15 @@ class Guider:
         self._last_step = None
 
     def combine(self, cond: Tensor, uncond: Tensor, scale: float, *, step: int, **extra: Tensor) -> Tensor:
-        """The guided prediction at a scale that is not 1 (subclasses implement it)."""
+        """The guided prediction at a scale that is not 1 (subclasses implement it with their op).
+
+        Args:
+            cond (Tensor): the conditional prediction.
+            uncond (Tensor): the unconditional prediction (validated by the op).
+            scale (float): the scale at this step, finite and not 1.
+            step (int): the step.
+            **extra (Tensor): further predictions (Perp-Neg: ``negative``).
+        """
         raise NotImplementedError
 
     def _begin_step(self, step: int) -> None:

@@ -178,7 +178,7 @@ def apg(
         >>> c, u = torch.tensor([[1.0, 1.0]]), torch.tensor([[0.0, 1.0]])
         >>> apg(c, u, 3.0)  # d = (1, 0): only its part orthogonal to c is kept, eta = 0
         tensor([[2., 0.]])
-        >>> apg(c * 1e-13, u * 1e-13, 3.0) * 1e13  # the same at any magnitude
+        >>> torch.round(apg(c * 1e-13, u * 1e-13, 3.0) * 1e13, decimals=4)  # the same at any magnitude
         tensor([[2., 0.]])
     """
     momentum = None if momentum_buffer is None else getattr(momentum_buffer, "momentum", None)

@@ -25,7 +25,16 @@ from guidance.validation import check_range
 
 
 def check_gamma(gamma: float) -> float:
-    """beta-CFG's norm exponent ``gamma``: a finite number ``>= 0`` (shared by the op and the guider)."""
+    """beta-CFG's norm exponent ``gamma``: a finite number ``>= 0`` (shared by the op and the guider).
+
+    Args:
+        gamma (float): the value to check.
+
+    Example:
+        >>> from guidance.ops.beta import check_gamma
+        >>> check_gamma(1)
+        1.0
+    """
     return check_range(gamma, "gamma", 0.0, math.inf, hi_open=True)
 
 

@@ -23,7 +23,16 @@ from guidance.validation import check_range, check_same_shape, check_tensor
 
 
 def check_neg_scale(neg_scale: float) -> float:
-    """Perp-Neg's ``neg_scale``: a finite number ``>= 0`` (shared by the op and the guider)."""
+    """Perp-Neg's ``neg_scale``: a finite number ``>= 0`` (shared by the op and the guider).
+
+    Args:
+        neg_scale (float): the value to check.
+
+    Example:
+        >>> from guidance.ops.perp_neg import check_neg_scale
+        >>> check_neg_scale(2)
+        2.0
+    """
     return check_range(neg_scale, "neg_scale", 0.0, math.inf, hi_open=True)
 
 

@@ -23,7 +23,16 @@ from guidance.validation import check_int, check_range
 
 
 def check_eps(eps: float) -> float:
-    """CFG-Zero*'s ``eps``: a finite number ``>= 0`` (shared by the op and the guider)."""
+    """CFG-Zero*'s ``eps``: a finite number ``>= 0`` (shared by the op and the guider).
+
+    Args:
+        eps (float): the value to check.
+
+    Example:
+        >>> from guidance.ops.zero_star import check_eps
+        >>> check_eps(1e-8)
+        1e-08
+    """
     return check_range(eps, "eps", 0.0, math.inf, hi_open=True)
 
 
