@@ -41,10 +41,10 @@ from tqdm import tqdm  # noqa: E402
 
 from guidance.adaptive import AdaptiveGuidance, RatioCutoff, cosine_similarity  # noqa: E402
 from guidance.diffusion import attach  # noqa: E402
-from guidance.diffusion.classic import noise_level_at, schedule_sigma  # noqa: E402
+from guidance.diffusion.schedulers import noise_level_at, schedule_sigma  # noqa: E402
+from guidance.diffusion.schedulers import prediction_type as scheduler_prediction_type  # noqa: E402
 from guidance.guiders import APG, CFG, BetaCFG, CFGZeroStar, RescaledCFG, guide  # noqa: E402
 from guidance.schedules import Interval  # noqa: E402
-from guidance.spaces import scheduler_prediction_type  # noqa: E402
 
 PROMPTS = ["a red cat", "a dog on a hill", "blue sky", "an old tree"]
 

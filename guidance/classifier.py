@@ -86,14 +86,12 @@ def validate_top_k(top_k: int, vocab_size: int | None = None, name: str = "top_k
 
     Example:
         >>> from guidance.classifier import validate_top_k
-        >>> validate_top_k(0)
+        >>> validate_top_k(5, vocab_size=3)
         Traceback (most recent call last):
         ...
-        ValueError: `top_k` must be a positive integer, got 0.
+        ValueError: `top_k` must be at most the vocabulary size 3, got 5.
     """
-    top_k = check_int(top_k, name)
-    if top_k < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {top_k!r}.")
+    top_k = check_int(top_k, name, minimum=1)
     if vocab_size is not None and top_k > vocab_size:
         raise ValueError(f"`{name}` must be at most the vocabulary size {vocab_size}, got {top_k}.")
 
@@ -142,6 +140,8 @@ def as_probabilities(
         raise ValueError(f"`{name}` must return real probabilities, got dtype {probs.dtype}.")
     shape = tuple(probs.shape)
     probs = probs.detach().to(device="cpu", dtype=torch.float32)
+    if probs.numel() and not bool(torch.isfinite(probs).all()):  # in any column, chosen or not
+        raise ValueError(f"`{name}` returned NaN or infinite probabilities: {probs.flatten().tolist()[:8]}.")
     if probs.ndim == 2 and probs.shape[1] == 1:
         probs = probs[:, 0]
     if probs.ndim == 2:
@@ -159,8 +159,6 @@ def as_probabilities(
             f"`{name}` must return probabilities of shape ({num_texts},) or ({num_texts}, num_classes) "
             f"for {num_texts} texts, got {shape}."
         )
-    if not bool(torch.isfinite(probs).all()):
-        raise ValueError(f"`{name}` returned NaN or infinite probabilities: {probs.tolist()[:8]}.")
     if bool((probs < -_PROB_TOLERANCE).any()) or bool((probs > 1 + _PROB_TOLERANCE).any()):
         raise ValueError(
             f"`{name}` must return probabilities in [0, 1], got values in [{probs.min().item():.4g}, {probs.max().item():.4g}]."
@@ -339,7 +337,9 @@ def gedi_class_log_probs(
             ``length_normalize``.
         class_bias: ``(C,)`` finite numbers added after normalisation (GeDi's ``bias``/``class_bias``;
             a log prior over classes). Default: none (uniform prior).
-        logit_scale: GeDi's ``logit_scale`` multiplying the normalised log-likelihoods, a finite number ``> 0``.
+        logit_scale: GeDi's ``logit_scale`` multiplying the normalised log-likelihoods, a finite number
+            ``>= 0`` (``0``: the likelihoods carry no weight, the posterior is the prior among the classes
+            that can produce the token; negative values would favour the impossible classes).
         length_normalize: divide by the number of scored tokens (GeDi's default).
 
     Returns ``(C, B, V)`` log-probabilities that sum to one over ``C``. A token that every
@@ -367,7 +367,7 @@ def gedi_class_log_probs(
         raise ValueError(
             f"`prefix_log_likelihood` must be ({num_classes}, {batch}), got {tuple(prefix_log_likelihood.shape)}."
         )
-    logit_scale = check_range(logit_scale, "logit_scale", 0.0, math.inf, lo_open=True, hi_open=True)
+    logit_scale = check_range(logit_scale, "logit_scale", 0.0, math.inf, hi_open=True)
     if not isinstance(length_normalize, bool):
         raise TypeError(f"`length_normalize` must be a bool, got {type(length_normalize).__name__}.")
     dtype = torch.promote_types(next_token_log_probs.dtype, torch.float32)
@@ -378,8 +378,8 @@ def gedi_class_log_probs(
     total = prefix_log_likelihood.to(device=device, dtype=dtype)[..., None] + next_token_log_probs.to(dtype)
     if length_normalize:
         total = total / count
-    if logit_scale != 1:
-        total = total * logit_scale
+    if logit_scale != 1:  # a class with no likelihood stays impossible, also at logit_scale 0
+        total = torch.where(torch.isneginf(total), total, total * logit_scale)
     total = total + bias[:, None, None]
     no_evidence = torch.isneginf(total).all(dim=0, keepdim=True)
     posterior = torch.log_softmax(total, dim=0)

@@ -13,7 +13,7 @@ Contract of every schedule here: the constructor validates its settings (``Value
 the argument and its range, ``TypeError`` for a wrong type); a call validates ``step`` (an integer
 ``>= 0``), ``num_steps`` (``None`` or an integer ``>= 1``) and ``sigma`` (``None`` or a number
 ``>= 0``, NaN refused) and returns a finite Python ``float`` or raises ``ValueError``. Steps past
-``num_steps - 1`` get the value of the last step. See ``docs/methods.md`` ("Schedules").
+``num_steps - 1`` get the value of the last step. See ``docs/methods.md`` ("Guidance schedules").
 
 Example:
     >>> from guidance.schedules import Linear, as_schedule

@@ -9,6 +9,9 @@ A noise level describes the sample the denoiser sees as ``x_t = alpha * x0 + sig
   (:meth:`NoiseLevel.flow_matching`).
 * Variance-exploding / k-diffusion's unscaled sample ``x0 + sigma * eps`` (:meth:`NoiseLevel.karras`).
 
+Reading a level off a diffusers scheduler is the adapter's job (:mod:`guidance.diffusion.schedulers`);
+this module knows nothing of diffusers.
+
 Prediction types use diffusers' names: ``"epsilon"``, ``"v_prediction"``, ``"sample"`` (x0) and
 ``"flow_prediction"`` (aliases ``"eps"``, ``"v"``, ``"x0"``, ``"flow"``). ``v`` is the
 variance-preserving velocity ``(alpha * eps - sigma * x0) / sqrt(alpha^2 + sigma^2)`` (Salimans & Ho),
@@ -30,7 +33,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,7 +44,6 @@ __all__ = [
     "PREDICTION_TYPES",
     "NoiseLevel",
     "normalize_prediction_type",
-    "scheduler_prediction_type",
     "to_x0",
     "from_x0",
     "convert",
@@ -153,86 +154,6 @@ class NoiseLevel:
         sigma = _check_level(sigma, "sigma")
         return cls(torch.ones_like(sigma) if isinstance(sigma, Tensor) else 1.0, sigma)
 
-    @classmethod
-    def from_scheduler(
-        cls, scheduler: Any, timestep: Level | None = None, step_index: int | None = None
-    ) -> NoiseLevel:
-        """The level of the denoiser's input at ``timestep`` (or ``step_index``) for a diffusers scheduler.
-
-        The denoiser's input is what the pipeline passes to the UNet/transformer, i.e. after
-        ``scheduler.scale_model_input``: VP for DDPM-style models (``alpha_cumprod = 1 / (1 + sigma_k^2)``
-        when the scheduler keeps k-diffusion sigmas), ``(1 - sigma) x0 + sigma noise`` for flow matching.
-        """
-        config = getattr(scheduler, "config", {})
-        sigmas = getattr(scheduler, "sigmas", None)
-        if _is_flow_scheduler(scheduler):
-            sigma = _scheduler_sigma(scheduler, timestep, step_index)
-            if sigma is None and timestep is not None:
-                sigma = _scalar_timestep(timestep) / float(config.get("num_train_timesteps", 1000))
-            if sigma is None:
-                raise ValueError(
-                    f"Cannot find the noise level of {type(scheduler).__name__}: pass `timestep` or `step_index` "
-                    "(call `set_timesteps` first)."
-                )
-            return cls.flow_matching(min(max(sigma, 0.0), 1.0))
-        if sigmas is not None and len(sigmas) > 0:
-            sigma = _scheduler_sigma(scheduler, timestep, step_index)
-            if sigma is not None:
-                return cls.ddpm(1.0 / (1.0 + sigma**2))
-        alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
-        if alphas_cumprod is None or timestep is None:
-            raise ValueError(
-                f"Cannot find the noise level of {type(scheduler).__name__} at timestep {timestep!r}: it needs "
-                "`alphas_cumprod` and a `timestep`, or `sigmas` and a step index."
-            )
-        t = _scalar_timestep(timestep)
-        if not (0 <= t < len(alphas_cumprod)) or t != int(t):
-            raise ValueError(
-                f"`timestep` must be an integer in [0, {len(alphas_cumprod)}), got {timestep!r}."
-            )
-        return cls.ddpm(float(alphas_cumprod[int(t)]))
-
-
-def _is_flow_scheduler(scheduler: Any) -> bool:
-    config = getattr(scheduler, "config", {})
-    return (
-        "FlowMatch" in type(scheduler).__name__
-        or bool(config.get("use_flow_sigmas", False))
-        or config.get("prediction_type") == "flow_prediction"
-    )
-
-
-def _scalar_timestep(timestep: Level) -> float:
-    if isinstance(timestep, Tensor):
-        flat = timestep.flatten()
-        if flat.numel() == 0 or not bool((flat == flat[0]).all()):
-            raise ValueError(f"`timestep` must hold one value for the whole batch, got {timestep!r}.")
-        return float(flat[0])
-    return float(timestep)
-
-
-def _scheduler_sigma(scheduler: Any, timestep: Level | None, step_index: int | None) -> float | None:
-    sigmas = getattr(scheduler, "sigmas", None)
-    if sigmas is None:
-        return None
-    index = step_index if step_index is not None else getattr(scheduler, "step_index", None)
-    if index is None and timestep is not None and hasattr(scheduler, "index_for_timestep"):
-        t = timestep if isinstance(timestep, Tensor) else torch.tensor(timestep)
-        index = scheduler.index_for_timestep(t.flatten()[0].to(scheduler.timesteps.device))
-    if index is None:
-        return None
-    return float(sigmas[int(index)])
-
-
-def scheduler_prediction_type(scheduler: Any) -> str:
-    """What the model of a diffusers scheduler predicts: its ``prediction_type``, or ``"flow_prediction"``."""
-    if _is_flow_scheduler(scheduler):
-        return "flow_prediction"
-    prediction_type = getattr(scheduler, "config", {}).get("prediction_type")
-    if prediction_type is None:
-        raise ValueError(f"{type(scheduler).__name__} has no `prediction_type` in its config.")
-    return normalize_prediction_type(prediction_type)
-
 
 def _coefficients(level: NoiseLevel, like: Tensor) -> tuple[Level, Level]:
     """``alpha`` and ``sigma`` as Python floats or float64 ``(B, 1, ..., 1)`` tensors on ``like``'s device."""
@@ -269,7 +190,8 @@ def _prepare(pred: Tensor, sample: Tensor, prediction_type: str, level: NoiseLev
     if level is None:
         raise ValueError(
             "The scheduler state is missing: pass `noise_level` (NoiseLevel.ddpm(alpha_cumprod), "
-            "NoiseLevel.flow_matching(sigma), NoiseLevel.karras(sigma) or NoiseLevel.from_scheduler(...))."
+            "NoiseLevel.flow_matching(sigma), NoiseLevel.karras(sigma); for a diffusers scheduler, "
+            "guidance.diffusion.schedulers.noise_level(scheduler, timestep))."
         )
     if not isinstance(level, NoiseLevel):
         raise TypeError(

@@ -181,6 +181,49 @@ def test_attach_drives_the_digits_pipeline(pipe):
     assert torch.equal(off, plain)
 
 
+class RecordingCallback:
+    """A step callback that records what it receives and replaces the latents at one step."""
+
+    def __init__(self, replace_at: int):
+        self.replace_at = replace_at
+        self.seen: list[tuple[int, float, tuple[int, ...]]] = []
+
+    def __call__(self, pipeline, step, timestep, callback_kwargs):
+        latents = callback_kwargs["latents"]
+        self.seen.append((step, float(timestep), tuple(latents.shape)))
+        if step == self.replace_at:
+            return {"latents": torch.zeros_like(latents)}
+        return callback_kwargs
+
+
+def test_step_callback_receives_the_latents_and_can_replace_them(pipe):
+    callback = RecordingCallback(replace_at=2)
+    images = pipe(
+        [1, 7],
+        guidance_scale=2.0,
+        num_inference_steps=3,
+        generator=_gen(),
+        output_type="latent",
+        callback_on_step_end=callback,
+    ).images
+    timesteps = pipe.scheduler.timesteps.tolist()
+    assert callback.seen == [(i, float(t), (2, 1, 8, 8)) for i, t in enumerate(timesteps)]
+    assert torch.equal(images, torch.zeros_like(images))  # the last step's replacement is the output
+    untouched = RecordingCallback(replace_at=-1)
+    with_callback = pipe(
+        [1, 7],
+        guidance_scale=2.0,
+        num_inference_steps=3,
+        generator=_gen(),
+        output_type="latent",
+        callback_on_step_end=untouched,
+    ).images
+    without = pipe(
+        [1, 7], guidance_scale=2.0, num_inference_steps=3, generator=_gen(), output_type="latent"
+    ).images
+    assert torch.equal(with_callback, without)
+
+
 def test_other_schedulers_sample(pipe):
     for kind in ("dpm", "euler"):
         other = load_digits_pipeline(kind)

@@ -1,4 +1,7 @@
-"""guidance.spaces: prediction-type conversions, checked against diffusers' schedulers."""
+"""guidance.spaces: prediction-type conversions, checked against diffusers' schedulers.
+
+The levels are read off the schedulers by the adapter (guidance.diffusion.schedulers).
+"""
 
 from __future__ import annotations
 
@@ -15,13 +18,14 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
 )
 
+from guidance.diffusion.schedulers import noise_level
+from guidance.diffusion.schedulers import prediction_type as scheduler_prediction_type
 from guidance.spaces import (
     PREDICTION_TYPES,
     NoiseLevel,
     convert,
     from_x0,
     normalize_prediction_type,
-    scheduler_prediction_type,
     to_x0,
 )
 
@@ -87,7 +91,7 @@ def test_ddim_scheduler_pred_original_sample(prediction_type):
     model_output, sample = _tensors(seed=1)
     for t in scheduler.timesteps[[0, 4, 9]]:
         expected = scheduler.step(model_output, t, sample).pred_original_sample
-        level = NoiseLevel.from_scheduler(scheduler, t)
+        level = noise_level(scheduler, t)
         torch.testing.assert_close(to_x0(model_output, sample, prediction_type, level), expected)
         assert scheduler_prediction_type(scheduler) == prediction_type
 
@@ -102,7 +106,7 @@ def test_euler_scheduler_in_the_denoiser_input_frame(prediction_type, use_karras
     latents = latents * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(latents, t)
-        level = NoiseLevel.from_scheduler(scheduler, t)
+        level = noise_level(scheduler, t)
         ours = to_x0(model_output, model_input, prediction_type, level)
         # k-diffusion view of the same step: unscaled latents, x = x0 + sigma * eps
         karras = NoiseLevel.karras(float(scheduler.sigmas[scheduler.step_index]))
@@ -121,7 +125,7 @@ def test_dpm_solver_convert_model_output():
         if scheduler.step_index is None:
             scheduler._init_step_index(t)
         expected = scheduler.convert_model_output(model_output, sample=sample)  # dpmsolver++: x0
-        level = NoiseLevel.from_scheduler(scheduler, t)
+        level = noise_level(scheduler, t)
         torch.testing.assert_close(
             to_x0(model_output, sample, "v_prediction", level), expected, rtol=1e-5, atol=1e-5
         )
@@ -134,7 +138,7 @@ def test_flow_match_scheduler_level_and_step():
     assert scheduler_prediction_type(scheduler) == "flow_prediction"
     x0, noise = _tensors(seed=4)
     for i, t in enumerate(scheduler.timesteps):
-        level = NoiseLevel.from_scheduler(scheduler, t)  # step_index is None before the first step
+        level = noise_level(scheduler, t)  # step_index is None before the first step
         sigma = float(scheduler.sigmas[i])
         assert level.is_flow and level.sigma == pytest.approx(sigma)
         assert level.sigma == pytest.approx(float(t) / 1000, abs=1e-6)
@@ -174,9 +178,9 @@ def test_prediction_type_aliases():
         (lambda p, x: NoiseLevel.ddpm(1.5), "alpha_cumprod"),
         (lambda p, x: NoiseLevel.flow_matching(-0.1), "sigma"),
         (lambda p, x: NoiseLevel.karras(float("inf")), "sigma"),
-        (lambda p, x: NoiseLevel.from_scheduler(object()), "noise level"),
-        (lambda p, x: NoiseLevel.from_scheduler(DDIMScheduler()), "timestep"),
-        (lambda p, x: NoiseLevel.from_scheduler(DDIMScheduler(), 1000.5), "timestep"),
+        (lambda p, x: noise_level(object()), "noise level"),
+        (lambda p, x: noise_level(DDIMScheduler()), "timestep"),
+        (lambda p, x: noise_level(DDIMScheduler(), 1000.5), "timestep"),
     ],
 )
 def test_bad_input(call, message):

@@ -347,7 +347,12 @@ class DigitsPipeline(DiffusionPipeline):
             output_type: "np" (``(B, 8, 8, 1)`` float in ``[0, 1]``), "pt" (``(B, 1, 8, 8)`` in
                 ``[0, 1]``), "pil" (8x8 greyscale images) or "latent" (unclipped model space,
                 data range ``[-1, 1]``).
-            callback_on_step_end: diffusers step callback ``fn(pipe, step, timestep, kwargs) -> dict``.
+            return_dict: return an ``ImagePipelineOutput`` (default) or a tuple ``(images,)``.
+            callback_on_step_end: diffusers step callback ``fn(pipe, step, timestep, kwargs) -> dict``
+                (or a ``PipelineCallback``), called after every step; a ``"latents"`` entry in
+                what it returns replaces the latents.
+            callback_on_step_end_tensor_inputs: tensors passed to the callback in ``kwargs``;
+                only ``"latents"`` is available.
         """
         self.check_inputs(
             guidance_scale,
@@ -359,10 +364,41 @@ class DigitsPipeline(DiffusionPipeline):
         )
         device = self._execution_device
         labels = _as_label_tensor(class_labels).repeat_interleave(num_images_per_prompt).to(device)
-        batch_size = labels.shape[0]
         self._guidance_scale = float(guidance_scale)
         self._interrupt = False
+        latents = self._initial_latents(labels.shape[0], generator, latents, device)
 
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        latents = latents * self.scheduler.init_noise_sigma
+        step_kwargs: dict[str, Any] = {}
+        if isinstance(self.scheduler, DDIMScheduler):
+            step_kwargs = {"eta": eta, "generator": generator}
+
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            if self.interrupt:
+                continue
+            latents = self._denoise_step(latents, t, labels, step_kwargs)
+            if callback_on_step_end is not None:
+                available = {"latents": latents}
+                callback_kwargs = {k: available[k] for k in (callback_on_step_end_tensor_inputs or ())}
+                callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                latents = callback_outputs.pop("latents", latents)
+
+        self.maybe_free_model_hooks()
+        images = self._postprocess(latents, output_type)
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    def _initial_latents(
+        self,
+        batch_size: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: Tensor | None,
+        device: torch.device,
+    ) -> Tensor:
         shape = (
             batch_size,
             self.unet.config.in_channels,
@@ -374,47 +410,25 @@ class DigitsPipeline(DiffusionPipeline):
                 f"`generator` is a list of {len(generator)} generators; expected one per image ({batch_size})."
             )
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+            return randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
+        return latents.to(device=device, dtype=self.unet.dtype)
+
+    def _denoise_step(self, latents: Tensor, t: Tensor, labels: Tensor, step_kwargs: dict[str, Any]) -> Tensor:
+        """One step: the UNet on ``[uncond, cond]`` (with guidance) or ``cond``, CFG, the scheduler update."""
+        if self.do_classifier_free_guidance:
+            latent_model_input = torch.cat([latents] * 2)
+            input_labels = torch.cat([torch.full_like(labels, self.null_class_label), labels])
         else:
-            if tuple(latents.shape) != shape:
-                raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
-            latents = latents.to(device=device, dtype=self.unet.dtype)
-
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        self._num_timesteps = len(timesteps)
-        latents = latents * self.scheduler.init_noise_sigma
-        null_labels = torch.full_like(labels, self.null_class_label)
-        step_kwargs: dict[str, Any] = {}
-        if isinstance(self.scheduler, DDIMScheduler):
-            step_kwargs = {"eta": eta, "generator": generator}
-
-        for i, t in enumerate(self.progress_bar(timesteps)):
-            if self.interrupt:
-                continue
-            if self.do_classifier_free_guidance:
-                latent_model_input = torch.cat([latents] * 2)
-                input_labels = torch.cat([null_labels, labels])
-            else:
-                latent_model_input = latents
-                input_labels = labels
-            latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
-            noise_pred = self.unet(latent_model_input, t, class_labels=input_labels).sample
-            if self.do_classifier_free_guidance:
-                noise_pred_uncond, noise_pred_cond = noise_pred.chunk(2)
-                noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_cond - noise_pred_uncond)
-            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-
-            if callback_on_step_end is not None:
-                callback_kwargs = {k: locals()[k] for k in (callback_on_step_end_tensor_inputs or ())}
-                callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                latents = callback_outputs.pop("latents", latents)
-
-        self.maybe_free_model_hooks()
-        images = self._postprocess(latents, output_type)
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+            latent_model_input = latents
+            input_labels = labels
+        latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
+        noise_pred = self.unet(latent_model_input, t, class_labels=input_labels).sample
+        if self.do_classifier_free_guidance:
+            noise_pred_uncond, noise_pred_cond = noise_pred.chunk(2)
+            noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_cond - noise_pred_uncond)
+        return self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
 
     @staticmethod
     def _postprocess(latents: Tensor, output_type: str):

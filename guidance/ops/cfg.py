@@ -1,6 +1,6 @@
 """Classifier-free guidance on any prediction, on raw logits and on log-probabilities.
 
-Conventions (``docs/methods.md``, "Conventions"): ``g = u + w (c - u)``; ``w = 1`` is guidance off
+Conventions (``docs/methods.md``, "Conventions used everywhere"): ``g = u + w (c - u)``; ``w = 1`` is guidance off
 and returns ``cond`` bit for bit, ``w = 0`` gives ``uncond``.
 
 Scales: a Python number is checked here (finite, ``ValueError`` otherwise). A tensor scale of
