@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from guidance.tensors import float64_device, per_sample, work_dtype
+from guidance.tensors import float64_device, per_sample, pow2_exponent, saturate, work_dtype
 from guidance.validation import check_range, check_same_shape, check_tensor
 
 __all__ = [
@@ -170,13 +171,19 @@ def _coefficients(level: NoiseLevel, like: Tensor) -> tuple[Level, Level]:
 
 
 def _mix(a: Level, x: Tensor, b: Level, y: Tensor, dtype: torch.dtype) -> Tensor:
-    """``a x + b y`` in ``dtype`` with per-sample coefficients computed beforehand (in float64), so no
-    intermediate is larger than its term: finite wherever ``a x`` and ``b y`` are."""
+    """``a x + b y`` in ``dtype`` with per-sample coefficients computed beforehand (in float64).
+
+    It is linear, so it is evaluated on power-of-two-scaled copies (exact: the same bits wherever
+    nothing overflows) and scaled back: terms that would overflow while their sum does not (large
+    coefficients of opposite signs) give the right sum."""
     if isinstance(a, Tensor):
         a = a.to(device=x.device, dtype=dtype)
     if isinstance(b, Tensor):
         b = b.to(device=x.device, dtype=dtype)
-    return a * x.to(dtype) + b * y.to(dtype)
+    x, y = x.to(dtype), y.to(dtype)
+    flat = torch.maximum(x.abs(), y.abs()).reshape(x.shape[0] if x.ndim else 1, -1)
+    exponent = per_sample(pow2_exponent(flat, [1]), x)
+    return torch.ldexp(a * torch.ldexp(x, -exponent) + b * torch.ldexp(y, -exponent), exponent)
 
 
 def _any_zero(value: Level) -> bool:
@@ -270,7 +277,7 @@ def to_x0(pred: Tensor, sample: Tensor, prediction_type: str, noise_level: Noise
     if prediction_type == "sample":
         return pred
     a, b = _to_x0_coefficients(prediction_type, alpha, sigma)
-    return _mix(a, sample, b, pred, dtype).to(pred.dtype)
+    return saturate(_mix(a, sample, b, pred, dtype).to(pred.dtype), pred, sample)
 
 
 def from_x0(x0: Tensor, sample: Tensor, prediction_type: str, noise_level: NoiseLevel | None) -> Tensor:
@@ -298,7 +305,7 @@ def from_x0(x0: Tensor, sample: Tensor, prediction_type: str, noise_level: Noise
     if prediction_type == "sample":
         return x0
     a, b = _from_x0_coefficients(prediction_type, alpha, sigma)
-    return _mix(a, sample, b, x0, dtype).to(x0.dtype)
+    return saturate(_mix(a, sample, b, x0, dtype).to(x0.dtype), x0, sample)
 
 
 def convert(
@@ -330,4 +337,4 @@ def convert(
     _prepare(pred, sample, to_type, noise_level)
     a1, b1 = _to_x0_coefficients(from_type, alpha, sigma)
     a2, b2 = _from_x0_coefficients(to_type, alpha, sigma)
-    return _mix(a2 + b2 * a1, sample, b2 * b1, pred, dtype).to(pred.dtype)
+    return saturate(_mix(a2 + b2 * a1, sample, b2 * b1, pred, dtype).to(pred.dtype), pred, sample)

@@ -5,6 +5,7 @@ adapters use them):
 
 * :func:`per_sample`: a ``(B,)`` tensor viewed as ``(B, 1, ..., 1)`` so it broadcasts per sample.
 * :func:`work_dtype`: the dtype reductions run in (float32 at least).
+* :func:`saturate`: overflow from finite inputs becomes ``+-finfo.max``, not ``+-inf``.
 * :func:`pow2_scale`: per-sample power-of-two scaling, so norms, dot products and standard
   deviations neither overflow (values of size 1e20 in float32) nor underflow (1e-30). Scaling by a
   power of two is exact, so wherever the unscaled computation neither overflows nor underflows the
@@ -27,7 +28,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["per_sample", "work_dtype", "pow2_scale", "scaled_norm", "float64_device"]
+__all__ = ["per_sample", "work_dtype", "pow2_scale", "pow2_exponent", "scaled_norm", "float64_device", "saturate"]
 
 
 def per_sample(values: Tensor, like: Tensor) -> Tensor:
@@ -99,11 +100,29 @@ def pow2_scale(x: Tensor, dims: list[int]) -> tuple[Tensor, Tensor]:
         >>> scaled, e
         (tensor([[ 0.3750, -0.7500]]), tensor([[3]], dtype=torch.int32))
     """
+    exponent = pow2_exponent(x, dims)
+    return torch.ldexp(x, -exponent), exponent
+
+
+def pow2_exponent(x: Tensor, dims: list[int]) -> Tensor:
+    """Per-sample integer ``e`` (int32, size-1 ``dims`` kept) with ``max |x| / 2**e`` in ``[0.5, 1)``.
+
+    Clamped so that ``2**-e`` is a normal number of ``x.dtype``; 0 for all-zero or non-finite samples.
+
+    Args:
+        x (Tensor): a float32 or float64 tensor.
+        dims (list[int]): the per-sample reduction dimensions (non-empty).
+
+    Example:
+        >>> import torch
+        >>> from guidance.tensors import pow2_exponent
+        >>> pow2_exponent(torch.tensor([[3.0, -6.0], [0.0, 0.0]]), [1]).tolist()
+        [[3], [0]]
+    """
     amax = x.detach().abs().amax(dim=dims, keepdim=True)
     _, exponent = torch.frexp(amax)
     limit = -int(math.log2(torch.finfo(x.dtype).tiny))  # 2**-e stays a normal number
-    exponent = torch.where(torch.isfinite(amax), exponent, torch.zeros_like(exponent)).clamp(-limit, limit)
-    return torch.ldexp(x, -exponent), exponent
+    return torch.where(torch.isfinite(amax), exponent, torch.zeros_like(exponent)).clamp(-limit, limit)
 
 
 def scaled_norm(x: Tensor, dims: list[int]) -> Tensor:
@@ -124,3 +143,29 @@ def scaled_norm(x: Tensor, dims: list[int]) -> Tensor:
     """
     scaled, exponent = pow2_scale(x, dims)
     return torch.ldexp(scaled.norm(p=2, dim=dims, keepdim=True), exponent)
+
+
+def saturate(out: Tensor, *inputs: Tensor) -> Tensor:
+    """Entries of ``out`` that overflowed to ``+-inf`` although every input there is finite become
+    ``+-finfo(out.dtype).max``.
+
+    The exact result is beyond the dtype's range there; the largest finite number of the right sign
+    keeps its direction without feeding ``inf - inf`` (NaN) to whatever comes next. Where an input is
+    infinite the output is left as computed. No device sync.
+
+    Args:
+        out (Tensor): a floating-point result.
+        *inputs (Tensor): the tensors it was computed from, broadcastable to ``out``'s shape.
+
+    Example:
+        >>> import torch
+        >>> from guidance.tensors import saturate
+        >>> x = torch.tensor([6e4, float("inf")], dtype=torch.float16)
+        >>> saturate(x * 2, x)
+        tensor([65504.,    inf], dtype=torch.float16)
+    """
+    overflow = torch.isinf(out)
+    for x in inputs:
+        overflow = overflow & torch.isfinite(x)
+    limit = torch.finfo(out.dtype).max
+    return torch.where(overflow, torch.copysign(torch.full_like(out, limit), out), out)

@@ -89,11 +89,30 @@ def _python_files(*roots: str) -> list[Path]:
     return files
 
 
+def _is_type_checking(node: ast.AST) -> bool:
+    test = node.test if isinstance(node, ast.If) else None
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node that can run: all of the tree except ``if TYPE_CHECKING:`` bodies (their ``else`` runs)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        if _is_type_checking(node):
+            stack.extend(node.orelse)
+        else:
+            stack.extend(ast.iter_child_nodes(node))
+
+
 def _imports(path: Path) -> list[tuple[str, list[str]]]:
-    """``(module, names)`` for every import statement anywhere in the file (function bodies included)."""
+    """``(module, names)`` for every import that can run, anywhere in the file (function bodies included)."""
     package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
     found = []
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in _runtime_nodes(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             found.extend((alias.name, []) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -162,6 +181,9 @@ def test_the_import_graph_has_no_cycle():
     assert _find_cycle(graph) is None, f"import cycle: {' -> '.join(_find_cycle(graph))}"
 
 
-def test_cycle_finder_finds_cycles():
+def test_cycle_finder_finds_cycles_and_skips_type_checking_imports():
     assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _find_cycle({"a": {"b"}, "b": set()}) is None
+    source = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import x\nelse:\n    import y\n"
+    nodes = _runtime_nodes(ast.parse(source))
+    assert sorted(a.name for n in nodes if isinstance(n, ast.Import) for a in n.names) == ["y"]

@@ -168,8 +168,11 @@ def test_half_precision_difference_overflow_gives_the_exact_answer():
     assert torch.equal(cfg(h, -h, 0.5), torch.zeros_like(h))
     assert torch.equal(cfg(h, -h, torch.tensor([0.0, 0.5])), torch.stack([-h[0], torch.zeros_like(h[0])]))
     assert torch.equal(cfg_logits(h, -h, 0.5), torch.zeros_like(h))
-    # out of range exactly: IEEE overflow to inf, never NaN
-    assert torch.isposinf(cfg(h, -h, 2.0)).all()
+    # out of range exactly: saturates to the largest float16, never inf or NaN
+    assert torch.equal(cfg(h, -h, 2.0), torch.full_like(h, 65504.0))
+    assert torch.equal(cfg_logits(h, -h, -2.0), torch.full_like(h, -65504.0))
+    inf = torch.full_like(h, math.inf)
+    assert torch.isposinf(cfg(inf, h, 2.0)).all()  # infinite inputs propagate
     big = torch.full((1, 2), 3e38, dtype=torch.bfloat16)
     assert torch.equal(cfg(big, -big, 0.5), torch.zeros_like(big))
 

@@ -50,7 +50,7 @@ MAGNITUDES = {
 }
 RELATIONS = ("independent", "close", "equal", "opposite", "zero_uncond", "zero_both")
 NICE_SCALES = (0.0, 1.0, -1.0, 0.5, 1.5, 3.0, 7.5, 20.0, 1e3)
-EXAMPLES = 40
+EXAMPLES = 75
 
 
 def _eps(dtype: torch.dtype) -> float:
@@ -116,7 +116,10 @@ def logit_pairs(draw):
 @st.composite
 def scales(draw, batch: int, allow_tensor: bool = True):
     """A Python scale or a per-row tensor scale (often holding exact 0s and 1s)."""
-    single = st.one_of(st.sampled_from(NICE_SCALES), st.floats(-20.0, 20.0, allow_nan=False))
+    # Scales far below 1 in magnitude (say 1e-300) round to 0 or lose their digits against the
+    # inputs in the work dtype; the contract is about scales used in practice.
+    drawn = st.floats(-20.0, 20.0, allow_nan=False).filter(lambda w: w == 0 or abs(w) >= 1e-3)
+    single = st.one_of(st.sampled_from(NICE_SCALES), drawn)
     if allow_tensor and draw(st.booleans()):
         return torch.tensor([draw(single) for _ in range(batch)], dtype=torch.float32)
     return draw(single)
@@ -137,10 +140,9 @@ def _rows(scale, like: torch.Tensor, value: float) -> list[int]:
 
 
 def _assert_finite_where_representable(out: torch.Tensor, reference: torch.Tensor, inputs_finite: torch.Tensor):
-    """No NaN; finite wherever the float64 reference is finite and well inside the output's range."""
+    """Finite wherever the inputs are (results beyond the range saturate to +-max, never inf or NaN)."""
     assert not torch.isnan(out[inputs_finite]).any(), "NaN from finite inputs"
-    representable = torch.isfinite(reference) & (reference.abs() < 0.25 * _max(out.dtype)) & inputs_finite
-    assert torch.isfinite(out[representable]).all(), "inf where the exact result is representable"
+    assert torch.isfinite(out[inputs_finite & torch.isfinite(reference)]).all(), "inf from finite inputs"
 
 
 def _per_sample_max(x: torch.Tensor) -> torch.Tensor:
@@ -152,7 +154,9 @@ def _assert_close_per_sample(out, reference, scale_bound: torch.Tensor, dtype: t
     """``|out - ref| <= factor * eps * bound`` per sample, over samples where both are finite."""
     if out.ndim == 0:
         out, reference = out.reshape(1), reference.reshape(1)
-    diff = (out.double() - reference.double()).abs()
+    limit = _max(out.dtype)  # the contract: results beyond the range saturate
+    reference = torch.where(torch.isfinite(reference), reference.double().clamp(-limit, limit), reference.double())
+    diff = (out.double() - reference).abs()
     ok = torch.isfinite(out.double()) & torch.isfinite(reference.double())
     diff = torch.where(ok, diff, torch.zeros_like(diff)).reshape(out.shape[0], -1).amax(dim=1)
     allowed = factor * _eps(dtype) * scale_bound + 4 * torch.finfo(dtype).tiny
@@ -215,9 +219,10 @@ def test_logit_cfg_masks_without_nan_and_matches_float64(data, logits, log_probs
         exact = cond.double()
     assert torch.equal(torch.isneginf(out), torch.isneginf(exact))
     if cond.ndim == 1:  # one row: view it as a batch of one for the per-row checks
-        out, exact, cond, uz, cz = (t[None] for t in (out, exact, cond, uz, cz))
-        w = w[None] if isinstance(w, torch.Tensor) else w
-    bound = _per_sample_max(uz) + _per_sample_max(w * (cz - uz)) + _per_sample_max(cond.double())
+        out, exact, cond, c, u = (t[None] for t in (out, exact, cond, c, u))
+    w_max = float(scale.abs().max()) if isinstance(scale, torch.Tensor) else abs(scale)
+    # log-softmax rounding of each branch is amplified by w
+    bound = (1 + w_max) * (_per_sample_max(u) + _per_sample_max(c)) + _per_sample_max(cond.double())
     _assert_close_per_sample(out, exact, bound, out.dtype if log_probs else cond.dtype, factor=8.0)
     for i in _rows(scale, cond, 1.0):
         assert torch.equal(out[i], cond[i].to(out.dtype))
@@ -290,8 +295,9 @@ def test_norm_operators_are_finite_and_agree_with_float64(name, data, tensors):
     else:
         bound = (1 + w_max) * (_per_sample_max(cond) + _per_sample_max(uncond) + _per_sample_max(negative))
     _assert_close_per_sample(out, reference, bound, cond.dtype, factor=64.0)
-    if name != "rescale":
-        assert fn(cond, uncond, negative, 1.0) is cond
+    if name == "rescale":  # rescale(cfg(...)) has no "guidance off": nothing more to check
+        return
+    assert fn(cond, uncond, negative, 1.0) is cond
     for i in _rows(scale, cond, 1.0):
         assert torch.equal(out[i], cond[i])
 

@@ -12,7 +12,8 @@ Conventions (the full reference is ``docs/methods.md``):
   adapters check them where they enter). Rows whose scale is exactly 1 are ``cond`` bit for bit.
 * Contracts: NaN/``+inf`` logits raise ``ValueError``; ``-inf`` (masked) never becomes NaN; finite
   inputs give finite outputs wherever the exact result is representable (float32/float16/bfloat16;
-  norms are power-of-two scaled, half precision is computed in float32 where it could overflow).
+  norms are power-of-two scaled, half precision is computed in float32 where it could overflow) and
+  ``+-finfo(dtype).max`` where it is not (saturation: finite inputs never give inf or NaN).
 * Operators work on any prediction type (eps, v, x0, logits) unless a docstring
   says otherwise; per-sample reductions run over all non-batch dimensions.
 

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from guidance.tensors import float64_device, per_sample, work_dtype
+from guidance.tensors import saturate as _saturate
 from guidance.validation import (
     check_batch_scale,
     check_dims,
@@ -76,25 +77,30 @@ def _as_batch_scale(scale: Scale, like: Tensor) -> Scale:
 def _combine(cond: Tensor, uncond: Tensor, w: float | Tensor) -> Tensor:
     """``u + w (c - u)`` (the reference operation order), with the form ``(1 - w) u + w c`` where
     that overflows (``c - u`` or ``w (c - u)`` beyond the range while the result is not): finite
-    wherever the exact result is representable, never NaN for finite inputs. No device sync."""
+    wherever the exact result is representable, ``+-finfo.max`` where it is not
+    (:func:`guidance.tensors.saturate`),
+    never NaN for finite inputs. No device sync."""
     guided = uncond + w * (cond - uncond)
     convex = (1 - w) * uncond + w * cond
     # Both forms overflow only where the exact result is out of range: keep the inf, not inf - inf.
     convex = torch.where(torch.isnan(convex), guided, convex)
-    return torch.where(torch.isfinite(guided), guided, convex)
+    return _saturate(torch.where(torch.isfinite(guided), guided, convex), cond, uncond)
 
 
-def _pin_rows(w: float | Tensor, guided: Tensor, one: Tensor, zero: Tensor | None = None) -> Tensor:
-    """With a per-sample scale, rows whose scale is exactly 1 (0) are ``one`` (``zero``) bit for bit."""
-    if not isinstance(w, Tensor):
+def _pin_rows(scale: Scale, guided: Tensor, one: Tensor, zero: Tensor | None = None) -> Tensor:
+    """With a per-sample scale, rows whose scale is exactly 1 (0), in the scale's own precision,
+    are ``one`` (``zero``) bit for bit."""
+    if not isinstance(scale, Tensor):
         return guided
+    scale = per_sample(scale.to(guided.device), guided)
     if zero is not None:
-        guided = torch.where(w == 0, zero.to(guided.dtype), guided)
-    return torch.where(w == 1, one.to(guided.dtype), guided)
+        guided = torch.where(scale == 0, zero.to(guided.dtype), guided)
+    return torch.where(scale == 1, one.to(guided.dtype), guided)
 
 
 def _keep_cond_where_one(scale: Scale, cond: Tensor, guided: Tensor) -> Tensor:
-    return _pin_rows(_as_batch_scale(scale, cond), guided, cond)
+    """Rows whose scale is exactly 1 (in the scale's own precision) are ``cond`` bit for bit."""
+    return _pin_rows(scale, guided, cond)
 
 
 def _masked_combine(cond: Tensor, uncond: Tensor, w: float | Tensor, raw: tuple[Tensor, Tensor], names) -> Tensor:

@@ -16,6 +16,7 @@ from guidance.ops._common import (
     _is_one,
     _keep_cond_where_one,
     _sample_dims,
+    _saturate,
     _vector_batch,
     _work_dtype,
 )
@@ -170,7 +171,8 @@ def apg(
     Edge cases: norms are scale-invariant (power-of-two scaling, no epsilon), so inputs of size
     1e-13 or 1e20 give the same directions as inputs of size 1; ``c = 0`` (no direction to project
     on) makes all of ``d`` orthogonal; ``d = 0`` gives ``cond`` (paper, comfyui) or ``uncond``
-    (diffusers). Values are not inspected (no device sync).
+    (diffusers). Values are not inspected (no device sync);
+    a result beyond the dtype's range saturates to ``+-finfo.max``.
 
     Example:
         >>> import torch
@@ -208,4 +210,4 @@ def apg(
         guided = u + w * update
     else:
         guided = c + w * update
-    return _keep_cond_where_one(scale, cond, guided.to(cond.dtype))
+    return _keep_cond_where_one(scale, cond, _saturate(guided.to(cond.dtype), cond, uncond))

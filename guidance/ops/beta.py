@@ -17,10 +17,11 @@ from guidance.ops._common import (
     _is_one,
     _keep_cond_where_one,
     _sample_dims,
+    _saturate,
     _vector_batch,
     _work_dtype,
 )
-from guidance.tensors import pow2_scale
+from guidance.tensors import pow2_scale, saturate
 from guidance.validation import check_range
 
 
@@ -46,7 +47,7 @@ def _normalised_difference(diff: Tensor, gamma: float, dims: list[int]) -> Tenso
     norm = scaled.norm(p=2, dim=dims, keepdim=True)
     unit = scaled / norm
     log2_norm = torch.log2(_float64_scalars(norm)) + _float64_scalars(exponent)
-    magnitude = torch.exp2((1.0 - gamma) * log2_norm).to(device=diff.device, dtype=diff.dtype)
+    magnitude = saturate(torch.exp2((1.0 - gamma) * log2_norm).to(device=diff.device, dtype=diff.dtype))
     return torch.where(norm > 0, unit * magnitude, torch.zeros_like(diff))
 
 
@@ -78,7 +79,8 @@ def beta_cfg(
 
     Edge cases: ``c = u`` gives ``u``, not NaN; the norm is scale-invariant (a difference of size
     1e-30 is normalised like one of size 1, and ``||d||^gamma`` never underflows to 0 or overflows
-    where the result is representable). Values are not inspected (no device sync).
+    where the result is representable). Values are not inspected (no device sync);
+    a result beyond the dtype's range saturates to ``+-finfo.max``.
 
     Example:
         >>> import torch
@@ -101,4 +103,4 @@ def beta_cfg(
         guided = _combine(c, u, w)
     else:
         guided = u + w * _normalised_difference(c - u, gamma, dims_)
-    return _keep_cond_where_one(scale, cond, guided.to(cond.dtype))
+    return _keep_cond_where_one(scale, cond, _saturate(guided.to(cond.dtype), cond, uncond))

@@ -28,6 +28,7 @@ from guidance.ops._common import (
     _masked_combine,
     _pin_rows,
 )
+from guidance.tensors import saturate
 from guidance.validation import check_finite, check_logits
 
 
@@ -70,14 +71,15 @@ def cfg(cond: Tensor, uncond: Tensor, scale: Scale) -> Tensor:
 
     Returns:
         Tensor: ``cond`` itself at ``scale == 1``, ``uncond`` itself at ``scale == 0``; otherwise
-        the combination in the promoted dtype of the inputs, computed in the reference operation
-        order (diffusers' pipelines, bit for bit). With a tensor scale, samples whose scale is
+        the combination in ``cond``'s dtype, computed in the reference operation order (diffusers'
+        pipelines, bit for bit in float32; float16/bfloat16 are computed in float32 and rounded once). With a tensor scale, samples whose scale is
         exactly 1 (0) are ``cond`` (``uncond``) bit for bit.
 
-    Values: not inspected (no device sync). Where ``c - u`` overflows (huge values of opposite
-    signs, e.g. ``6e4`` and ``-6e4`` in float16) the convex form ``(1 - w) u + w c`` is used, so
+    Values: not inspected (no device sync). Half precision is computed in float32; where ``c - u``
+    still overflows (huge values of opposite signs) the convex form ``(1 - w) u + w c`` is used, so
     finite inputs give a finite output wherever the exact result is representable; a result beyond
-    the dtype's range is ``+-inf`` (IEEE overflow, no saturation). NaN and infinite inputs propagate.
+    the dtype's range saturates to ``+-finfo(dtype).max`` (finite inputs never give ``inf`` or NaN).
+    NaN and infinite inputs propagate.
 
     Example:
         >>> import torch
@@ -95,8 +97,18 @@ def cfg(cond: Tensor, uncond: Tensor, scale: Scale) -> Tensor:
         return cond
     if _is_zero(scale):
         return uncond
-    w = _as_batch_scale(scale, cond)
-    return _pin_rows(w, _combine(cond, uncond, w), cond, uncond)
+    c, u = _widen(cond), _widen(uncond)
+    w = _as_batch_scale(scale, c)
+    guided = _combine(c, u, w)
+    if guided.dtype != cond.dtype:
+        guided = saturate(guided.to(cond.dtype), cond, uncond)
+    return _pin_rows(scale, guided, cond, uncond)
+
+
+def _widen(x: Tensor) -> Tensor:
+    """float16/bfloat16 computed in float32 (rounded once at the end): the half-precision
+    intermediates ``c - u``, ``w (c - u)`` and ``(1 - w) u`` overflow where the result need not."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def cfg_logits(cond_logits: Tensor, uncond_logits: Tensor, scale: Scale) -> Tensor:
@@ -121,7 +133,8 @@ def cfg_logits(cond_logits: Tensor, uncond_logits: Tensor, scale: Scale) -> Tens
     Masking: a token that is ``-inf`` in either branch is ``-inf`` in the result (never NaN);
     a row masked everywhere stays all ``-inf``. NaN or ``+inf`` in either branch raises
     ``ValueError`` (checked only when some entry is not finite: one device sync per call).
-    A result beyond the dtype's range is ``+-inf``, as for :func:`cfg`.
+    A result beyond the dtype's range saturates to ``+-finfo(dtype).max``, as for :func:`cfg`, so a
+    softmax never meets ``+inf``.
 
     Example:
         >>> import torch
@@ -135,10 +148,12 @@ def cfg_logits(cond_logits: Tensor, uncond_logits: Tensor, scale: Scale) -> Tens
         return cond_logits
     if _is_zero(scale):
         return uncond_logits
-    w = _as_batch_scale(scale, cond_logits)
-    raw = (cond_logits, uncond_logits)
-    guided = _masked_combine(cond_logits, uncond_logits, w, raw, ("cond_logits", "uncond_logits"))
-    return _pin_rows(w, guided, cond_logits, uncond_logits)
+    c, u = _widen(cond_logits), _widen(uncond_logits)
+    w = _as_batch_scale(scale, c)
+    guided = _masked_combine(c, u, w, (cond_logits, uncond_logits), ("cond_logits", "uncond_logits"))
+    if guided.dtype != cond_logits.dtype:
+        guided = saturate(guided.to(cond_logits.dtype), cond_logits, uncond_logits)
+    return _pin_rows(scale, guided, cond_logits, uncond_logits)
 
 
 def _log_softmax(logits: Tensor, dtype: torch.dtype) -> Tensor:
@@ -191,7 +206,7 @@ def cfg_log_probs(cond_logits: Tensor, uncond_logits: Tensor, scale: Scale) -> T
     cond_lp = _log_softmax(cond_logits, dtype)
     w = _as_batch_scale(scale, cond_lp)
     guided = _masked_combine(cond_lp, uncond_lp, w, (cond_logits, uncond_logits), names)
-    return _pin_rows(w, guided, cond_logits, _no_nan_rows(uncond_lp))
+    return _pin_rows(scale, guided, cond_logits, _no_nan_rows(uncond_lp))
 
 
 def _no_nan_rows(log_probs: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from guidance.ops._common import (
     _is_one,
     _keep_cond_where_one,
     _sample_dims,
+    _saturate,
     _vector_batch,
     _work_dtype,
 )
@@ -79,7 +80,8 @@ def perp_neg(
 
     Edge cases: the projection is scale-invariant (power-of-two scaling), so vectors of size 1e20 give
     no NaN and vectors of size 1e-30 are not treated as zero; ``p = 0`` (no positive direction)
-    gives ``n_perp = n``. Values are not inspected (no device sync).
+    gives ``n_perp = n``. Values are not inspected (no device sync); a result
+    beyond the dtype's range saturates to ``+-finfo.max``.
 
     Example:
         >>> import torch
@@ -102,4 +104,4 @@ def perp_neg(
     perp = _perpendicular(neg, pos, dims_)
     w = _as_batch_scale(scale, c)
     guided = u + w * (pos - neg_scale * perp)
-    return _keep_cond_where_one(scale, cond, guided.to(cond.dtype))
+    return _keep_cond_where_one(scale, cond, _saturate(guided.to(cond.dtype), cond, uncond, negative))

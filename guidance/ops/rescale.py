@@ -14,11 +14,12 @@ from guidance.ops._common import (
     _is_one,
     _keep_cond_where_one,
     _sample_dims,
+    _saturate,
     _vector_batch,
     _work_dtype,
 )
 from guidance.ops.cfg import cfg
-from guidance.tensors import pow2_scale
+from guidance.tensors import pow2_exponent, pow2_scale
 from guidance.validation import check_range
 
 
@@ -51,7 +52,8 @@ def rescale(guided: Tensor, cond: Tensor, phi: float = 0.7, dims: int | tuple[in
 
     Edge cases: a sample whose ``std(guided)`` is 0 or undefined (constant, or a single element,
     e.g. ``(B,)`` inputs: one value per sample) is returned unscaled, bit for bit; samples never
-    influence each other. Values are not inspected (no device sync); NaN propagates.
+    influence each other. Values are not inspected (no device sync); NaN propagates;
+    a result beyond the dtype's range saturates to ``+-finfo.max``.
 
     Example:
         >>> import torch
@@ -69,7 +71,7 @@ def rescale(guided: Tensor, cond: Tensor, phi: float = 0.7, dims: int | tuple[in
     g, c = guided.to(dtype), cond.to(dtype)
     ratio = _std(c, dims_) / _std(g, dims_)
     out = phi * (g * ratio) + (1 - phi) * g
-    return torch.where(torch.isfinite(ratio), out, g).to(guided.dtype)
+    return _saturate(torch.where(torch.isfinite(ratio), out, g).to(guided.dtype), guided, cond)
 
 
 def cfg_rescaled(
@@ -88,7 +90,8 @@ def cfg_rescaled(
     Returns:
         Tensor: ``cond`` itself at ``scale == 1`` (diffusers' pipelines skip rescaling when they skip
         CFG); otherwise in ``cond``'s dtype. Half-precision inputs are combined and rescaled in
-        float32 and rounded once, so the intermediate ``u + w (c - u)`` cannot overflow float16.
+        float32 and rounded once, and both steps run on power-of-two-scaled copies (exact), so the
+        intermediate ``u + w (c - u)`` cannot overflow where the rescaled result is representable.
         Per-sample scale rows of exactly 1 are ``cond`` bit for bit.
 
     Example:
@@ -105,6 +108,15 @@ def cfg_rescaled(
     if _is_one(scale):
         return cond
     dtype = _work_dtype(cond)
-    c = cond.to(dtype)
-    guided = rescale(cfg(c, uncond.to(dtype), scale), c, phi, dims=dims)
-    return _keep_cond_where_one(scale, cond, guided.to(cond.dtype))
+    c, u = cond.to(dtype), uncond.to(dtype)
+    dims_ = _sample_dims(c, dims)
+    if not dims_:  # (B,) inputs: one value per sample, nothing to rescale
+        guided = cfg(c, u, scale)
+    else:
+        # Both steps are homogeneous of degree 1: run them at unit magnitude (power-of-two scaling
+        # is exact, so the bits are unchanged wherever nothing overflows) so that u + w (c - u)
+        # cannot overflow on the way to a representable result.
+        exponent = pow2_exponent(torch.maximum(c.abs(), u.abs()), dims_)
+        c, u = torch.ldexp(c, -exponent), torch.ldexp(u, -exponent)
+        guided = torch.ldexp(rescale(cfg(c, u, scale), c, phi, dims=dims), exponent)
+    return _keep_cond_where_one(scale, cond, _saturate(guided.to(cond.dtype), cond, uncond))

@@ -13,7 +13,9 @@ from guidance.ops._common import (
     _check_scale,
     _float64_scalars,
     _is_one,
+    _keep_cond_where_one,
     _sample_dims,
+    _saturate,
     _vector_batch,
     _work_dtype,
 )
@@ -104,7 +106,7 @@ def zero_star_alpha(
         alpha = torch.sum(c * u, dim=dims_, keepdim=True) / (torch.sum(u**2, dim=dims_, keepdim=True) + eps)
     alpha = torch.where(torch.isfinite(alpha), alpha, _alpha_rescue(c, u, eps, dims_))
     alpha = torch.where(torch.isnan(alpha), torch.zeros_like(alpha), alpha)
-    return alpha.to(cond.dtype)
+    return _saturate(alpha.to(cond.dtype), alpha)
 
 
 def cfg_zero_star(
@@ -144,5 +146,7 @@ def cfg_zero_star(
     scale = _check_scale(scale, cond)
     if _is_one(scale):
         return cond
-    scaled_uncond = uncond * zero_star_alpha(cond, uncond, eps=eps, dims=dims)
-    return cfg(cond, scaled_uncond, scale)
+    dtype = _work_dtype(cond)
+    c, u = cond.to(dtype), uncond.to(dtype)
+    guided = cfg(c, u * zero_star_alpha(c, u, eps=eps, dims=dims), scale)
+    return _keep_cond_where_one(scale, cond, _saturate(guided.to(cond.dtype), cond, uncond))
