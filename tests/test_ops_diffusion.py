@@ -560,3 +560,39 @@ def test_inputs_are_not_modified(name):
     ALL_OPERATORS[name](cond, uncond, torch.tensor([1.0, 3.0]))
     ALL_OPERATORS[name](cond, uncond, 3.0)
     assert torch.equal(cond, before[0]) and torch.equal(uncond, before[1])
+
+
+# ---------------------------------------------------------------------------------------- no device sync
+
+
+class _ReadsValues(torch.overrides.TorchFunctionMode):
+    """Records the tensor methods that copy values to the host (a device sync on a GPU)."""
+
+    SYNCING = {"__bool__", "item", "tolist", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.SYNCING:
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", sorted(ALL_OPERATORS))
+def test_diffusion_operators_never_read_tensor_values(name):
+    cond, uncond = _pair()
+    with _ReadsValues() as spy:
+        ALL_OPERATORS[name](cond, uncond, torch.tensor([1.0, 4.0]))
+        ALL_OPERATORS[name](cond, uncond, 4.0)
+        ops.cfg(cond, uncond, torch.tensor([0.0, 4.0]))
+    assert spy.calls == []
+
+
+def test_logit_operators_read_values_once_per_call():
+    cond, uncond = torch.randn(2, 50), torch.randn(2, 50)
+    for op in (ops.cfg_logits, ops.cfg_log_probs):
+        with _ReadsValues() as spy:
+            op(cond, uncond, torch.tensor([1.0, 2.0]))
+        assert spy.calls == ["__bool__"]  # "is every entry finite?": the masked path only when needed
