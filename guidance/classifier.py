@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from guidance.validation import (
+    check_bool,
     check_finite,
     check_int,
     check_logits,
@@ -368,8 +369,7 @@ def gedi_class_log_probs(
             f"`prefix_log_likelihood` must be ({num_classes}, {batch}), got {tuple(prefix_log_likelihood.shape)}."
         )
     logit_scale = check_range(logit_scale, "logit_scale", 0.0, math.inf, hi_open=True)
-    if not isinstance(length_normalize, bool):
-        raise TypeError(f"`length_normalize` must be a bool, got {type(length_normalize).__name__}.")
+    check_bool(length_normalize, "length_normalize")
     dtype = torch.promote_types(next_token_log_probs.dtype, torch.float32)
     device = next_token_log_probs.device
     count = _prefix_counts(num_prefix_tokens, batch, device, dtype)

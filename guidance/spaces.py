@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from guidance.tensors import float64_device, per_sample, pow2_exponent, saturate, work_dtype
-from guidance.validation import check_range, check_same_shape, check_tensor
+from guidance.validation import check_bool, check_range, check_same_shape, check_tensor
 
 __all__ = [
     "PREDICTION_TYPES",
@@ -132,8 +132,7 @@ class NoiseLevel:
     is_flow: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.is_flow, bool):
-            raise TypeError(f"`is_flow` must be a bool, got {type(self.is_flow).__name__}.")
+        check_bool(self.is_flow, "is_flow")
         object.__setattr__(self, "alpha", _check_level(self.alpha, "alpha"))
         object.__setattr__(self, "sigma", _check_level(self.sigma, "sigma"))
 

@@ -44,6 +44,7 @@ __all__ = [
     "check_dims",
     "check_dims_setting",
     "check_optional_int",
+    "check_bool",
 ]
 
 
@@ -420,3 +421,22 @@ def check_dims_setting(dims: Any, name: str = "dims") -> int | tuple[int, ...] |
     if not items or 0 in items or len(set(items)) != len(items):
         raise ValueError(f"`{name}` must be distinct non-batch dimensions (never 0), got {dims!r}.")
     return items[0] if single else items
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """A ``bool`` (``TypeError`` otherwise; ``0``/``1`` and strings are refused, NumPy bools accepted).
+
+    Args:
+        value (Any): the argument's value.
+        name (str): the argument's name, used in the error.
+
+    Example:
+        >>> from guidance.validation import check_bool
+        >>> check_bool("yes", "use_zero_star")
+        Traceback (most recent call last):
+        ...
+        TypeError: `use_zero_star` must be a bool, got str 'yes'.
+    """
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise TypeError(f"`{name}` must be a bool, got {type(value).__name__} {value!r}.")

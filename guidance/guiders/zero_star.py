@@ -9,7 +9,7 @@ from guidance import ops
 from guidance.guiders.base import Dims, Guider
 from guidance.ops.zero_star import check_eps, zero_init
 from guidance.schedules import Schedule
-from guidance.validation import check_int
+from guidance.validation import check_bool, check_int
 
 
 class CFGZeroStar(Guider):
@@ -49,9 +49,7 @@ class CFGZeroStar(Guider):
     ):
         super().__init__(scale, rescale=rescale, dims=dims)
         self.zero_init_steps = check_int(zero_init_steps, "zero_init_steps", minimum=0)
-        if not isinstance(use_zero_star, bool):
-            raise TypeError(f"`use_zero_star` must be a bool, got {type(use_zero_star).__name__}.")
-        self.use_zero_star = use_zero_star
+        self.use_zero_star = check_bool(use_zero_star, "use_zero_star")
         self.eps = check_eps(eps)
 
     def in_zero_init(self, step: int) -> bool:
