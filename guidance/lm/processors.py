@@ -17,6 +17,8 @@ from torch import LongTensor, Tensor
 from transformers import DynamicCache, LogitsProcessor
 
 from guidance import ops
+from guidance.lm import compat
+from guidance.lm.generation_state import GenerationTracker
 from guidance.schedules import Schedule, as_schedule
 
 __all__ = ["CFGLogitsProcessor", "ModelUnconditionalLogits"]
@@ -27,6 +29,9 @@ class ModelUnconditionalLogits:
 
     Called once per decoding step with the current sequences; it feeds the model the
     tokens generated since its last call, so each step costs one single-token forward.
+    A call that does not continue the previous one (another prompt or batch, see
+    :mod:`guidance.lm.generation_state`) starts over from the context, so one object serves
+    several ``generate`` calls.
 
     Args:
         model: a transformers causal LM whose vocabulary matches the guided model's.
@@ -56,14 +61,19 @@ class ModelUnconditionalLogits:
         self.reset()
 
     def reset(self) -> None:
-        """Forget the cache (call between independent ``generate`` calls)."""
+        """Forget the cache. Needed only between ``generate`` calls that the rule of
+        :mod:`guidance.lm.generation_state` cannot tell apart (a prompt that is the previous
+        call's sequences plus one token)."""
         self._cache: DynamicCache | None = None
         self._mask: Tensor | None = None
         self._seen: int = 0
+        self._tracker = GenerationTracker()
 
     @torch.no_grad()
     def __call__(self, input_ids: LongTensor) -> Tensor:
         device = next(self.model.parameters()).device
+        if self._tracker.update(input_ids):  # a new generation: start from the context again
+            self._cache = None
         if self._cache is None:
             rows = input_ids.shape[0]
             if self.context_ids is None:
@@ -92,8 +102,8 @@ class ModelUnconditionalLogits:
             input_ids=new_ids,
             attention_mask=self._mask,
             position_ids=position_ids,
-            past_key_values=self._cache,
             use_cache=True,
+            **{compat.cache_argument(self.model): self._cache},
         )
         return out.logits[:, -1].float()
 
@@ -142,13 +152,11 @@ class CFGLogitsProcessor(LogitsProcessor):
         self.unconditional_logits = unconditional_logits
         self.combine = ops.cfg_log_probs if cfg_form == "log_probs" else ops.cfg_logits
         self.num_steps = num_steps
-        self._prompt_length: int | None = None
+        self._tracker = GenerationTracker()  # the schedule's step counts from each generation's prompt
 
     def __call__(self, input_ids: LongTensor, scores: Tensor) -> Tensor:
-        if self._prompt_length is None or input_ids.shape[1] < self._prompt_length:
-            self._prompt_length = input_ids.shape[1]
-        step = input_ids.shape[1] - self._prompt_length
-        scale = float(self.schedule(step, self.num_steps, None))
+        self._tracker.update(input_ids)
+        scale = float(self.schedule(self._tracker.step, self.num_steps, None))
         ops.validate_scale(scale, "guidance_schedule(step)")
         uncond = self.unconditional_logits(input_ids)
         if uncond.shape != scores.shape:
