@@ -23,7 +23,7 @@ evaluate, never *how* (no diffusers here):
 * ``inputs``: denoiser inputs to replace (e.g. ``{"encoder_hidden_states": negative_embeds}``);
   an adapter argument may supply them by branch name (``attach(..., branch_inputs=...)``);
 * ``hook``: an object the adapter installs on the denoiser while this branch runs
-  (``hook.apply(module, rows)`` returns a context manager; see :mod:`guidance.diffusion.hooks`);
+  (``hook.apply(module, rows)`` returns a context manager; see :mod:`guidance.perturbations.hooks`);
 * ``model``: another network to evaluate instead of the pipeline's (a weaker model).
 
 Example:

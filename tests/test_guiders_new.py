@@ -675,8 +675,8 @@ def test_attach_on_the_digits_pipeline(name):
 
 
 def test_random_condition_hook_on_the_digits_unet_changes_only_its_rows():
-    from guidance.diffusion.condition_hooks import RandomCondition
     from guidance.models import load_digits_pipeline
+    from guidance.perturbations.condition import RandomCondition
 
     unet = load_digits_pipeline().unet
     x, labels = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 3, 7, 7])
@@ -700,7 +700,7 @@ def test_random_condition_hook_on_the_digits_unet_changes_only_its_rows():
 
 
 def test_random_condition_hook_on_text_cross_attention_and_perturbed_timestep(tiny_sd):
-    from guidance.diffusion.condition_hooks import PerturbedTimestep, RandomCondition
+    from guidance.perturbations.condition import PerturbedTimestep, RandomCondition
 
     unet = tiny_sd.unet
     gen = torch.Generator().manual_seed(0)
@@ -724,8 +724,8 @@ def test_icg_guider_branches_name_the_reference_and_its_hook():
 
 
 def test_condition_hooks_on_a_dit_transformer():
-    from guidance.diffusion.condition_hooks import PerturbedTimestep, RandomCondition
     from guidance.diffusion.testing import tiny_dit
+    from guidance.perturbations.condition import PerturbedTimestep, RandomCondition
 
     transformer = tiny_dit().transformer
     gen = torch.Generator().manual_seed(0)

@@ -203,7 +203,7 @@ def test_samplers_import_light() -> None:
 
 def test_dispatcher_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     cuda_like = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, ndim=2)
-    monkeypatch.setattr(kernels, "_triton_module", lambda: object())
+    monkeypatch.setattr(kernels.dispatch, "_triton_module", lambda: object())
     monkeypatch.delenv(kernels.DISABLE_TRITON_ENV, raising=False)
     assert kernels.uses_triton(cuda_like)
     assert not kernels.uses_triton(SimpleNamespace(is_cuda=True, dtype=torch.float64, ndim=2))
@@ -211,7 +211,7 @@ def test_dispatcher_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(kernels.DISABLE_TRITON_ENV, "1")
     assert not kernels.uses_triton(cuda_like)
     monkeypatch.delenv(kernels.DISABLE_TRITON_ENV)
-    monkeypatch.setattr(kernels, "_triton_module", lambda: None)  # Triton absent
+    monkeypatch.setattr(kernels.dispatch, "_triton_module", lambda: None)  # Triton absent
     assert not kernels.triton_available()
     assert not kernels.uses_triton(cuda_like)
     logits = _randn(2, 30, seed=4)

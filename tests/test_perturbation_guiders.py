@@ -18,15 +18,6 @@ import torch
 
 from guidance import ops
 from guidance.diffusion import attach
-from guidance.diffusion.perturbations import (
-    IdentityAttention,
-    ShuffleTokens,
-    SkipBlocks,
-    SmoothedQueries,
-    StochasticSkip,
-    blur_queries,
-    layer_matcher,
-)
 from guidance.diffusion.testing import (
     tiny_dit,
     tiny_stable_diffusion,
@@ -41,6 +32,15 @@ from guidance.guiders import (
     StochasticSelf,
     TokenPerturbation,
     guide,
+)
+from guidance.perturbations import (
+    IdentityAttention,
+    ShuffleTokens,
+    SkipBlocks,
+    SmoothedQueries,
+    StochasticSkip,
+    blur_queries,
+    layer_matcher,
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

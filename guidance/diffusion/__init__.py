@@ -5,7 +5,7 @@
   a cut-off (:mod:`guidance.adaptive`), or CFG++ (``mode="cfgpp"``); per-run network-evaluation
   counts (:class:`GuidanceStats`).
 * Extra branches (Perp-Neg's negative prompt, perturbed or weaker-model evaluations):
-  :mod:`~guidance.diffusion.branches` (requests and evaluators), :mod:`~guidance.diffusion.hooks`
+  :mod:`~guidance.diffusion.branches` (requests and evaluators), :mod:`~guidance.perturbations.hooks`
   (perturbation hooks), :func:`prompt_inputs` (a prompt's denoiser inputs).
 * :class:`ScheduleCallback`, :class:`CFGCutoffCallback`: ``callback_on_step_end`` callbacks that
   drive the pipeline's own ``_guidance_scale`` (batch-correct, unlike diffusers' cut-off callbacks).
@@ -18,9 +18,9 @@ from guidance.diffusion.attach import GuidanceHandle, attach, detach
 from guidance.diffusion.branches import BatchedEvaluator, BranchEvaluator, BranchRequest, SeparateEvaluator
 from guidance.diffusion.callbacks import CFGCutoffCallback, ScheduleCallback, conditioning_inputs
 from guidance.diffusion.cfgpp import CFGPP_SCHEDULERS
-from guidance.diffusion.hooks import AttentionProcessors, ForwardHooks
 from guidance.diffusion.prompts import prompt_inputs
 from guidance.diffusion.stats import GuidanceStats
+from guidance.perturbations.hooks import AttentionProcessors, ForwardHooks
 
 __all__ = [
     "attach",

@@ -4,7 +4,7 @@ Diffusers' modular denoise loop asks the guider for its batches (``prepare_input
 each batch's forward calls ``prepare_models(denoiser)`` / ``cleanup_models(denoiser)``. These
 components return ``[cond, uncond, cond]`` (the last one perturbed; ``uncond`` only where CFG is
 on, the perturbed batch only inside the perturbation window), enter the guider's hook
-(:mod:`guidance.diffusion.perturbations`) in ``prepare_models`` for the perturbed batch and leave
+(:mod:`guidance.perturbations`) in ``prepare_models`` for the perturbed batch and leave
 it in ``cleanup_models``. A hook left open by a forward that raised is closed at the next
 ``set_state`` or ``prepare_models``. The combine is the wrapped guider's
 (:class:`~guidance.guiders.PerturbedAttention` etc.), ``convention`` included.

@@ -18,7 +18,7 @@ class _ReferenceGuider(Guider):
 
     ``branch`` names the keyword the reference arrives under (``guider(cond, None, step=..., **{branch: pred})``),
     ``perturbation`` is the object the adapter installs on the denoiser while evaluating it (see
-    :mod:`guidance.diffusion.condition_hooks`). ``needs_uncond`` is always ``False``: the pipeline's
+    :mod:`guidance.perturbations.condition`). ``needs_uncond`` is always ``False``: the pipeline's
     unconditional rows are not used; :meth:`needs_reference` says when the branch must run.
     """
 
@@ -74,7 +74,7 @@ class IndependentCondition(_ReferenceGuider):
     real ones' standard deviation for text-conditional ones. For models trained without
     condition dropout. Two network evaluations per step. The reference arrives as
     ``independent=`` (branch ``"independent"``); the adapter evaluates it with
-    :meth:`perturbation` installed (:class:`guidance.diffusion.condition_hooks.RandomCondition`).
+    :meth:`perturbation` installed (:class:`guidance.perturbations.condition.RandomCondition`).
 
     Example:
         >>> import torch
@@ -104,7 +104,7 @@ class IndependentCondition(_ReferenceGuider):
         self.seed = check_int(seed, "seed")
 
     def perturbation(self) -> Any:
-        from guidance.diffusion.condition_hooks import RandomCondition
+        from guidance.perturbations.condition import RandomCondition
 
         if not hasattr(self, "_hook"):
             self._hook = RandomCondition(num_classes=self.num_classes, match_std=self.match_std, seed=self.seed)
@@ -128,7 +128,7 @@ class TimestepGuidance(_ReferenceGuider):
     (use an :class:`~guidance.schedules.Interval` schedule for that). Works for unconditional models
     too. Two network evaluations per step. The reference arrives as ``perturbed_time=``; the adapter
     evaluates it with :meth:`perturbation` installed
-    (:class:`guidance.diffusion.condition_hooks.PerturbedTimestep`).
+    (:class:`guidance.perturbations.condition.PerturbedTimestep`).
 
     Example:
         >>> import torch
@@ -160,7 +160,7 @@ class TimestepGuidance(_ReferenceGuider):
         self.seed = check_int(seed, "seed")
 
     def perturbation(self) -> Any:
-        from guidance.diffusion.condition_hooks import PerturbedTimestep
+        from guidance.perturbations.condition import PerturbedTimestep
 
         if not hasattr(self, "_hook"):
             self._hook = PerturbedTimestep(

@@ -1,7 +1,7 @@
 """Guiders that steer away from a perturbed forward pass: PAG, SEG, SLG/STG, TPG, S^2-Guidance.
 
 Each declares a third branch, ``perturbed``: the conditional rows evaluated with a hook on the
-denoiser (:mod:`guidance.diffusion.perturbations`), and combines with
+denoiser (:mod:`guidance.perturbations`), and combines with
 :func:`guidance.ops.perturbed_guidance`: ``g = u + w (c - u) + s (c - p)`` (``w = 1``: CFG off,
 then ``g = c + s (c - p)``; ``s = 0``: perturbation off). Both off returns ``cond`` bit for bit.
 The hooks act per row, so ``attach`` evaluates ``[uncond, cond, perturbed]`` in one call.
@@ -170,7 +170,7 @@ class PerturbedAttention(PerturbedGuider):
         super().__init__(scale, perturbed_scale, layers=layers, **kwargs)
 
     def default_hook(self) -> Any:
-        from guidance.diffusion.perturbations import IdentityAttention
+        from guidance.perturbations import IdentityAttention
 
         return IdentityAttention(self.layers)
 
@@ -194,7 +194,7 @@ class SmoothedEnergy(PerturbedGuider):
         self.sigma = check_range(sigma, "sigma", 0.0, math.inf, lo_open=True)
 
     def default_hook(self) -> Any:
-        from guidance.diffusion.perturbations import SmoothedQueries
+        from guidance.perturbations import SmoothedQueries
 
         return SmoothedQueries(self.layers, self.sigma)
 
@@ -220,7 +220,7 @@ class SkipLayer(PerturbedGuider):
         super().__init__(scale, perturbed_scale, layers=layers, start=start, stop=stop, **kwargs)
 
     def default_hook(self) -> Any:
-        from guidance.diffusion.perturbations import SkipBlocks
+        from guidance.perturbations import SkipBlocks
 
         return SkipBlocks(self.layers)
 
@@ -245,7 +245,7 @@ class TokenPerturbation(PerturbedGuider):
         self.seed = seed
 
     def default_hook(self) -> Any:
-        from guidance.diffusion.perturbations import ShuffleTokens
+        from guidance.perturbations import ShuffleTokens
 
         return ShuffleTokens(self.layers, self.seed)
 
@@ -272,6 +272,6 @@ class StochasticSelf(PerturbedGuider):
         self.seed = seed
 
     def default_hook(self) -> Any:
-        from guidance.diffusion.perturbations import StochasticSkip
+        from guidance.perturbations import StochasticSkip
 
         return StochasticSkip(self.layers, self.ratio, self.seed)

@@ -4,7 +4,7 @@ All these methods evaluate the conditional prediction ``c`` a second time with a
 network (attention map replaced by the identity, blurred queries, skipped blocks, shuffled
 tokens, a smaller model) and push the sample away from that degraded prediction ``p``. The
 combine is the same for all of them; the perturbation is what differs (see
-:mod:`guidance.diffusion.perturbations`).
+:mod:`guidance.perturbations`).
 
 Conventions (``w``: CFG scale as in :mod:`guidance.ops`, ``s``: perturbation scale):
 

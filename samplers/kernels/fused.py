@@ -90,7 +90,7 @@ class FusedSampling:
         Returns:
             `torch.LongTensor`: ``(batch,)`` token ids.
         """
-        from samplers.kernels import cfg_typical_sample
+        from samplers.kernels.dispatch import cfg_typical_sample
 
         return cfg_typical_sample(
             cond_logits,

@@ -912,7 +912,7 @@ def cfg_log_softmax_triton(
 def _chunks(batch: int, vocab: int, device: torch.device, chunks: int | None) -> int:
     if chunks is not None:
         return max(1, min(int(chunks), -(-vocab // 1024)))
-    from samplers.kernels import split_chunks
+    from samplers.kernels.chunking import split_chunks
 
     return split_chunks(batch, vocab, device)
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from guidance.diffusion.hooks import select_modules
+from guidance.perturbations.hooks import select_modules
 
 Layers = str | Sequence[str] | Callable[[str, Any], bool]
 

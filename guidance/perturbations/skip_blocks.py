@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor
 
-from guidance.diffusion.perturbations._common import Layers, layer_matcher, select
+from guidance.perturbations._common import Layers, layer_matcher, select
 
 __all__ = ["SkipBlocks", "skipped_output"]
 
@@ -53,7 +53,7 @@ class SkipBlocks:
 
     Args:
         layers (str | Sequence[str] | Callable): which sub-modules (see
-            :func:`~guidance.diffusion.perturbations.layer_matcher`), e.g. ``"transformer_blocks.7"``
+            :func:`~guidance.perturbations.layer_matcher`), e.g. ``"transformer_blocks.7"``
             or ``["transformer_blocks.7", "transformer_blocks.8"]`` (SD3.5: blocks 7, 8, 9),
             ``"mid_block.attentions.0.transformer_blocks.0"`` (a UNet's mid transformer block),
             ``"down_blocks.2.attentions.0"`` (an attention layer of the digits UNet). Only the
@@ -64,7 +64,7 @@ class SkipBlocks:
 
     Example:
         >>> import torch
-        >>> from guidance.diffusion.perturbations import SkipBlocks
+        >>> from guidance.perturbations import SkipBlocks
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
         >>> x = torch.ones(2, 2)
         >>> with SkipBlocks("0").apply(net, slice(1, 2)):

@@ -1,5 +1,10 @@
 """Perturbations of the denoiser for guidance from a degraded prediction, one hook per file.
 
+Pure PyTorch on ``nn.Module`` trees (attention processors are duck-typed, diffusers is never
+imported), so the guiders of the core can build their default hooks without the diffusers adapter.
+:mod:`~guidance.perturbations.hooks` installs and removes processors and forward hooks;
+:mod:`~guidance.perturbations.condition` holds the condition/time-step perturbations of ICG and TSG.
+
 Each is a :class:`~guidance.diffusion.branches.BranchHook` (``per_row`` and
 ``apply(module, rows)``) that a guider puts on its ``perturbed`` branch; entering installs the
 change, leaving removes it (also on an exception). All of them act per row, so the perturbed
@@ -15,12 +20,12 @@ Layers are chosen with :func:`layer_matcher` specs (``"mid"``, ``"transformer_bl
 ``fnmatch`` patterns or a predicate).
 """
 
-from guidance.diffusion.perturbations._common import layer_matcher
-from guidance.diffusion.perturbations.identity_attention import IdentityAttention, identity_attention
-from guidance.diffusion.perturbations.skip_blocks import SkipBlocks
-from guidance.diffusion.perturbations.smoothed_queries import SmoothedQueries, blur_queries
-from guidance.diffusion.perturbations.stochastic_skip import StochasticSkip
-from guidance.diffusion.perturbations.token_shuffle import ShuffleTokens
+from guidance.perturbations._common import layer_matcher
+from guidance.perturbations.identity_attention import IdentityAttention, identity_attention
+from guidance.perturbations.skip_blocks import SkipBlocks
+from guidance.perturbations.smoothed_queries import SmoothedQueries, blur_queries
+from guidance.perturbations.stochastic_skip import StochasticSkip
+from guidance.perturbations.token_shuffle import ShuffleTokens
 
 __all__ = [
     "layer_matcher",

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from guidance.diffusion.perturbations._common import Layers
-from guidance.diffusion.perturbations.skip_blocks import SkipBlocks, skipping
+from guidance.perturbations._common import Layers
+from guidance.perturbations.skip_blocks import SkipBlocks, skipping
 from guidance.validation import check_int, check_range
 
 __all__ = ["StochasticSkip"]
@@ -29,7 +29,7 @@ class StochasticSkip(SkipBlocks):
 
     Example:
         >>> import torch
-        >>> from guidance.diffusion.perturbations import StochasticSkip
+        >>> from guidance.perturbations import StochasticSkip
         >>> net = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(4)])
         >>> hook = StochasticSkip("[0-9]", ratio=0.5)
         >>> len(hook.draw(net))

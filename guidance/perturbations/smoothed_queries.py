@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from guidance.diffusion.perturbations._common import Layers, is_self_attention, layer_matcher, select
+from guidance.perturbations._common import Layers, is_self_attention, layer_matcher, select
 from guidance.validation import check_range
 
 __all__ = ["SmoothedQueries", "blur_queries", "INFINITE_BLUR"]
@@ -36,7 +36,7 @@ def blur_queries(query: Tensor, sigma: float) -> Tensor:
 
     Example:
         >>> import torch
-        >>> from guidance.diffusion.perturbations.smoothed_queries import blur_queries
+        >>> from guidance.perturbations.smoothed_queries import blur_queries
         >>> q = torch.randn(1, 16, 3)
         >>> torch.allclose(blur_queries(q, 1e6), q.mean(1, keepdim=True).expand_as(q))
         True
@@ -71,7 +71,7 @@ class SmoothedQueries:
     Acts per row (a forward hook on ``to_q`` that changes only the branch's rows).
 
     Example:
-        >>> from guidance.diffusion.perturbations import SmoothedQueries
+        >>> from guidance.perturbations import SmoothedQueries
         >>> SmoothedQueries("mid", sigma=3.0).per_row
         True
     """

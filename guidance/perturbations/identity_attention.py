@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from guidance.diffusion.hooks import AttentionProcessors
-from guidance.diffusion.perturbations._common import Layers, RowProcessor, is_self_attention, layer_matcher
+from guidance.perturbations._common import Layers, RowProcessor, is_self_attention, layer_matcher
+from guidance.perturbations.hooks import AttentionProcessors
 
 __all__ = ["IdentityAttention", "identity_attention"]
 
@@ -80,7 +80,7 @@ class IdentityAttention(AttentionProcessors):
 
     Args:
         layers (str | Sequence[str] | Callable): which layers (see
-            :func:`~guidance.diffusion.perturbations.layer_matcher`); only self-attention modules
+            :func:`~guidance.perturbations.layer_matcher`); only self-attention modules
             among the matches are changed. ``"mid"`` is PAG's default for SD/SDXL UNets,
             ``"transformer_blocks.1"`` for SD3 (``"blocks.1"`` also works).
 
@@ -88,7 +88,7 @@ class IdentityAttention(AttentionProcessors):
     and ``uncond``; the other rows run the layer's own processor.
 
     Example:
-        >>> from guidance.diffusion.perturbations import IdentityAttention
+        >>> from guidance.perturbations import IdentityAttention
         >>> IdentityAttention("mid").per_row
         True
     """

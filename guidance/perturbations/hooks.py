@@ -16,7 +16,7 @@ Modules are chosen by name with ``fnmatch`` patterns over ``module.named_modules
 
 Example:
     >>> import torch
-    >>> from guidance.diffusion.hooks import ForwardHooks
+    >>> from guidance.perturbations.hooks import ForwardHooks
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
     >>> skip = ForwardHooks(lambda name, module, args, output, rows: args[0], modules="0")
     >>> x = torch.ones(1, 2)

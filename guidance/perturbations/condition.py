@@ -21,7 +21,7 @@ Both draw from their own seeded generator (``reset()`` restarts it), never torch
 
 Example:
     >>> import torch
-    >>> from guidance.diffusion.condition_hooks import RandomCondition
+    >>> from guidance.perturbations.condition import RandomCondition
     >>> from guidance.models import load_digits_pipeline
     >>> unet = load_digits_pipeline().unet
     >>> x, labels = torch.randn(2, 1, 8, 8), torch.tensor([3, 3])

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from guidance.diffusion.perturbations._common import Layers, layer_matcher, select
+from guidance.perturbations._common import Layers, layer_matcher, select
 from guidance.validation import check_int
 
 __all__ = ["ShuffleTokens"]
@@ -31,7 +31,7 @@ class ShuffleTokens:
 
     Example:
         >>> import torch
-        >>> from guidance.diffusion.perturbations import ShuffleTokens
+        >>> from guidance.perturbations import ShuffleTokens
         >>> net = torch.nn.Sequential(torch.nn.Identity())
         >>> x = torch.arange(6.0).reshape(1, 3, 2)
         >>> with ShuffleTokens("0").apply(net, None):
