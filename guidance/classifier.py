@@ -1,7 +1,7 @@
 """Classifier-weighted logits: steer next-token scores with an attribute classifier.
 
 Pure tensor functions (no transformers); the ``generate`` adapters live in
-:mod:`guidance.lm.steering`. Conventions (see ``shared/METHODS.md``, "Classifier-weighted
+:mod:`guidance.lm.steering`. Conventions (see ``docs/methods.md``, "Classifier-weighted
 logits"):
 
 * **CAIF / FUDGE** (Sitdikov et al. 2022; Yang & Klein 2021). For each row take the
@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from guidance.ops import validate_scale
+from guidance.validation import check_finite, check_int
 
 __all__ = [
     "OUTSIDE_TOP_K",
@@ -65,9 +65,21 @@ _PROB_TOLERANCE = 1e-4
 
 
 def validate_top_k(top_k: int, vocab_size: int | None = None, name: str = "top_k") -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``1 <= top_k <= vocab_size``."""
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {top_k!r}.")
+    """Raise ``ValueError`` naming ``name`` unless ``top_k`` is an integer with ``1 <= top_k <= vocab_size``.
+
+    Args:
+        top_k (`int`): the number of candidates.
+        vocab_size (`int`, *optional*): the upper bound; ``None`` checks ``top_k >= 1`` only.
+        name (`str`): the argument's name in the message.
+
+    Example:
+        >>> from guidance.classifier import validate_top_k
+        >>> validate_top_k(5, vocab_size=3)
+        Traceback (most recent call last):
+        ...
+        ValueError: `top_k` must be at most the vocabulary size 3, got 5.
+    """
+    check_int(top_k, name, minimum=1)
     if vocab_size is not None and top_k > vocab_size:
         raise ValueError(f"`{name}` must be at most the vocabulary size {vocab_size}, got {top_k}.")
 
@@ -77,9 +89,15 @@ def as_probabilities(
 ) -> Tensor:
     """Check a classifier's answer for ``num_texts`` texts; return ``p(attribute)`` as ``(N,)`` float32.
 
-    Accepts shape ``(N,)`` or ``(N, 1)`` (the attribute's probability) or ``(N, C)`` with
-    ``label`` picking the attribute's column. Raises ``ValueError`` naming ``name`` for a
-    wrong shape, NaN/inf, or values outside ``[0, 1]``.
+    Args:
+        output: the classifier's answer: a tensor, array or nested list of shape ``(N,)`` or
+            ``(N, 1)`` (the attribute's probability) or ``(N, C)`` (one column per class).
+        num_texts (`int`): ``N``, the number of texts classified.
+        label (`int`, *optional*): the attribute's column in ``[-C, C)``, required for ``(N, C)``.
+        name (`str`): the classifier's name in messages.
+
+    Raises ``ValueError`` naming ``name`` for a wrong shape, NaN or infinity anywhere in the
+    answer, or values outside ``[0, 1]`` (beyond float round-off, which is clamped).
 
     Example:
         >>> from guidance.classifier import as_probabilities
@@ -96,6 +114,8 @@ def as_probabilities(
         raise ValueError(f"`{name}` must return real probabilities, got dtype {probs.dtype}.")
     shape = tuple(probs.shape)
     probs = probs.detach().to(device="cpu", dtype=torch.float32)
+    if probs.numel() and not bool(torch.isfinite(probs).all()):  # in any column, chosen or not
+        raise ValueError(f"`{name}` returned NaN or infinite probabilities: {probs.flatten().tolist()[:8]}.")
     if probs.ndim == 2 and probs.shape[1] == 1:
         probs = probs[:, 0]
     if probs.ndim == 2:
@@ -113,8 +133,6 @@ def as_probabilities(
             f"`{name}` must return probabilities of shape ({num_texts},) or ({num_texts}, num_classes) "
             f"for {num_texts} texts, got {shape}."
         )
-    if not bool(torch.isfinite(probs).all()):
-        raise ValueError(f"`{name}` returned NaN or infinite probabilities: {probs.tolist()[:8]}.")
     if bool((probs < -_PROB_TOLERANCE).any()) or bool((probs > 1 + _PROB_TOLERANCE).any()):
         raise ValueError(
             f"`{name}` must return probabilities in [0, 1], got values in [{probs.min().item():.4g}, {probs.max().item():.4g}]."
@@ -123,12 +141,26 @@ def as_probabilities(
 
 
 def attribute_log_probs(probs: Tensor) -> Tensor:
-    """``log p`` with ``p`` clamped to the smallest normal float32, so it is always finite."""
+    """``log p`` with ``p`` (any shape, values in ``[0, 1]``) clamped to the smallest normal float32: always finite.
+
+    Example:
+        >>> import torch
+        >>> from guidance.classifier import attribute_log_probs
+        >>> attribute_log_probs(torch.tensor([1.0, 0.0]))
+        tensor([  0.0000, -87.3365])
+    """
     return torch.log(probs.to(torch.float32).clamp(min=_MIN_PROB, max=1.0))
 
 
 def entropy(scores: Tensor) -> Tensor:
-    """Entropy in nats of ``softmax(scores)`` over the last dim; ``-inf`` entries count as 0."""
+    """Entropy in nats of ``softmax(scores)`` over the last dim; ``-inf`` entries count as 0.
+
+    Example:
+        >>> import math, torch
+        >>> from guidance.classifier import entropy
+        >>> entropy(torch.tensor([[0.0, 0.0, -math.inf]]))  # two equally likely tokens: log 2
+        tensor([0.6931])
+    """
     log_p = torch.log_softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
     p = log_p.exp()
     return -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(dim=-1)
@@ -139,6 +171,16 @@ def top_k_candidates(scores: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
 
     Candidates with a ``-inf`` score (masked by an earlier processor) are flagged so that
     they need not be scored: they stay ``-inf`` whatever the classifier says.
+
+    Args:
+        scores (`Tensor`): ``(B, V)`` next-token scores.
+        top_k (`int`): candidates per row, ``1 <= top_k <= V``.
+
+    Example:
+        >>> import math, torch
+        >>> from guidance.classifier import top_k_candidates
+        >>> top_k_candidates(torch.tensor([[0.5, 2.0, -math.inf]]), 2)
+        (tensor([[1, 0]]), tensor([[True, True]]))
     """
     validate_top_k(top_k, scores.shape[-1])
     values, indices = torch.topk(scores, top_k, dim=-1)
@@ -178,7 +220,7 @@ def classifier_weighted_logits(
         >>> classifier_weighted_logits(scores, ids, log_p, alpha=1.0)
         tensor([[0.6137, 1.0000,   -inf]])
     """
-    validate_scale(alpha, "alpha")
+    check_finite(alpha, "alpha")
     if outside_top_k not in OUTSIDE_TOP_K:
         raise ValueError(f"`outside_top_k` must be one of {OUTSIDE_TOP_K}, got {outside_top_k!r}.")
     if scores.ndim != 2:
@@ -251,7 +293,7 @@ def gedi_class_log_probs(
         raise ValueError(
             f"`prefix_log_likelihood` must be ({num_classes}, {batch}), got {tuple(prefix_log_likelihood.shape)}."
         )
-    validate_scale(logit_scale, "logit_scale")
+    check_finite(logit_scale, "logit_scale")
     dtype = torch.promote_types(next_token_log_probs.dtype, torch.float32)
     device = next_token_log_probs.device
     total = prefix_log_likelihood.to(device=device, dtype=dtype)[..., None] + next_token_log_probs.to(dtype)
@@ -286,7 +328,7 @@ def gedi_logits(scores: Tensor, desired_log_probs: Tensor, omega: float) -> Tens
         >>> gedi_logits(torch.tensor([[1.0, 1.0]]), torch.log(torch.tensor([[0.5, 1.0]])), 2.0)
         tensor([[-0.3863,  1.0000]])
     """
-    validate_scale(omega, "omega")
+    check_finite(omega, "omega")
     if desired_log_probs.shape != scores.shape:
         raise ValueError(
             f"`desired_log_probs` must have the shape of `scores` {tuple(scores.shape)}, got {tuple(desired_log_probs.shape)}."

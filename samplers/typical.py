@@ -3,7 +3,7 @@
 :class:`LocallyTypicalWarper` is a drop-in for transformers' ``TypicalLogitsWarper`` (the same
 token set: the token that crosses the mass is kept, ties are kept, at least
 ``min_tokens_to_keep`` tokens), that sorts nothing and decides the boundary exactly. The math
-is in ``shared/METHODS.md``; the implementation in :mod:`samplers.kernels` (Triton on CUDA,
+is in ``docs/methods.md``; the implementation in :mod:`samplers.kernels` (Triton on CUDA,
 PyTorch elsewhere).
 
 Exact boundary, and where it differs from transformers

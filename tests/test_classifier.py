@@ -78,8 +78,11 @@ def test_top_k_candidates_and_validation():
     assert finite.tolist() == [[True, True, True], [True, False, False]]
     with pytest.raises(ValueError, match=r"`top_k` must be at most the vocabulary size 4, got 5"):
         top_k_candidates(scores, 5)
-    for bad in (0, -1, 2.5, True):
-        with pytest.raises(ValueError, match="`top_k` must be a positive integer"):
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=r"`top_k` must be an integer in \[1, inf\]"):
+            validate_top_k(bad)
+    for bad in (2.5, True, "3"):
+        with pytest.raises(TypeError, match="`top_k` must be an integer"):
             validate_top_k(bad)
 
 
@@ -134,9 +137,11 @@ def test_alpha_zero_is_identity_and_bad_alpha_is_rejected():
     scores = torch.randn(2, 5)
     ids = torch.tensor([[0, 1], [2, 3]])
     assert classifier_weighted_logits(scores, ids, torch.zeros(2, 2), 0.0) is scores
-    for bad in (math.nan, math.inf, -math.inf, "1"):
+    for bad in (math.nan, math.inf, -math.inf):
         with pytest.raises(ValueError, match="`alpha` must be a finite real number"):
             classifier_weighted_logits(scores, ids, torch.zeros(2, 2), bad)
+    with pytest.raises(TypeError, match="`alpha` must be a real number"):
+        classifier_weighted_logits(scores, ids, torch.zeros(2, 2), "1")
 
 
 def test_masked_candidates_and_extreme_probabilities_never_give_nan():

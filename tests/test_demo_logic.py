@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:  # `demos` is not an installed package
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
-from demos import app  # noqa: E402
+from demos import app, common, image_tab, text_tab  # noqa: E402
 from guidance.lm import generate_text  # noqa: E402
 from guidance.models.digits import DigitsPipeline, build_digits_unet, load_digits_scheduler  # noqa: E402
 from guidance.schedules import Constant, Cosine, Linear  # noqa: E402
@@ -281,7 +281,7 @@ def test_stop_event_ends_generation_after_one_token(word_lm, word_tokenizer):
     stop = threading.Event()
     stop.set()
     progress = list(
-        app._stream_generation(word_lm, word_tokenizer, "the movie", stop, max_new_tokens=20, do_sample=False)
+        text_tab._stream_generation(word_lm, word_tokenizer, "the movie", stop, max_new_tokens=20, do_sample=False)
     )
     assert progress[-1].done and progress[-1].tokens == 1
 
@@ -370,7 +370,7 @@ def test_sample_digits_returns_a_grid_and_a_table(store):
     assert image.mode == "RGB" and wide.width > image.width > 100 and image.height > 100
     assert [row[0] for row in rows] == ["w = 1", "w = 2", "w = 3"]
     assert rows[0][1] == 12 and rows[0][2] == 4.0 and rows[0][4] == "3/3"
-    assert len(rows[0]) == len(app.TABLE_HEADERS)
+    assert len(rows[0]) == len(image_tab.TABLE_HEADERS)
 
 
 def test_table_says_n_a_without_a_judge():
@@ -402,10 +402,10 @@ def test_image_inputs_are_bounded_before_any_work(overrides, message):
 
 
 def test_method_switch_offers_matching_scales():
-    assert app._scales_for_method("CFG++", "1, 2, 3, 5") == app.DEFAULT_LAMBDAS
-    assert app._scales_for_method("CFG++", "0.1 0.9") == "0.1 0.9"
-    assert app._scales_for_method("APG", app.DEFAULT_LAMBDAS) == app.DEFAULT_SCALES
-    assert app._scales_for_method("APG", "0.5 2") == "0.5 2"
+    assert image_tab.scales_for_method("CFG++", "1, 2, 3, 5") == image_tab.DEFAULT_LAMBDAS
+    assert image_tab.scales_for_method("CFG++", "0.1 0.9") == "0.1 0.9"
+    assert image_tab.scales_for_method("APG", image_tab.DEFAULT_LAMBDAS) == image_tab.DEFAULT_SCALES
+    assert image_tab.scales_for_method("APG", "0.5 2") == "0.5 2"
 
 
 # ----------------------------------------------------------------------------- app plumbing
@@ -421,10 +421,10 @@ def test_errors_become_page_messages():
         raise ValueError("late problem")
 
     with pytest.raises(gr.Error, match=r"`x` must be in \[0, 1\], got 2."):
-        app._page_errors(bad_value)()
+        common.page_errors(bad_value)()
     with pytest.raises(gr.Error, match="Something went wrong \\(KeyError"):
-        app._page_errors(crash)()
-    stream = app._page_errors_stream(bad_stream)()
+        common.page_errors(crash)()
+    stream = common.page_errors_stream(bad_stream)()
     assert next(stream) == 1
     with pytest.raises(gr.Error, match="late problem"):
         next(stream)
@@ -436,7 +436,7 @@ def test_missing_weights_are_a_page_message():
 
     store = unloadable_store(digits_loader=missing)
     with pytest.raises(gr.Error, match="FileNotFoundError: digits_unet.safetensors is missing"):
-        app._page_errors(app.sample_digits)(store, *image_inputs())
+        common.page_errors(app.sample_digits)(store, *image_inputs())
 
 
 def test_model_store_loads_once_across_threads_and_retries_failures():

@@ -18,12 +18,13 @@ from transformers import (
 )
 
 from guidance.classifier import gedi_class_log_probs
+from guidance.lm.generation_state import GenerationTracker
 from guidance.lm.steering import (
+    CandidateTexts,
     ClassifierWeightedLogitsProcessor,
     GeDiLogitsProcessor,
     SentenceEncoderClassifier,
     TransformersTextClassifier,
-    _CandidateTexts,
     mean_pool,
 )
 
@@ -233,7 +234,7 @@ def test_include_prompt_false_and_context_tokens(tiny_lm, word_tokenizer):
 @pytest.mark.parametrize("tokenizer_name", ["word_tokenizer", "byte_bpe_tokenizer"])
 def test_candidate_texts_equal_full_decodes(tokenizer_name, request):
     tokenizer = request.getfixturevalue(tokenizer_name)
-    texts = _CandidateTexts(tokenizer)
+    texts = CandidateTexts(tokenizer)
     rng = random.Random(0)
     vocab = len(tokenizer)
     prefixes = [[rng.randrange(vocab) for _ in range(rng.randrange(0, 9))] for _ in range(6)]
@@ -348,8 +349,42 @@ def test_bad_arguments_are_rejected_before_any_work(word_tokenizer):
     ]:
         with pytest.raises(ValueError, match=match):
             ClassifierWeightedLogitsProcessor(word_tokenizer, classifier, alpha=1.0, **kwargs)
-    with pytest.raises(ValueError, match="callable"):
+    with pytest.raises(TypeError, match="callable"):
         ClassifierWeightedLogitsProcessor(word_tokenizer, "not a classifier", alpha=1.0)
+
+
+def test_nan_scores_or_nan_classifier_output_are_clear_errors(word_tokenizer):
+    classifier = LastWordClassifier({})
+    steer = ClassifierWeightedLogitsProcessor(word_tokenizer, classifier, alpha=1.0, top_k=3)
+    scores = torch.randn(1, len(WORDS))
+    scores[0, 7] = math.nan
+    with pytest.raises(ValueError, match="`scores` contain NaN"):
+        steer(torch.tensor([[5]]), scores)
+    assert classifier.calls == []
+    # NaN anywhere in a (N, C) answer, even outside the attribute's column, is a broken classifier.
+    nan_column = ClassifierWeightedLogitsProcessor(
+        word_tokenizer, lambda texts: [[math.nan, 0.5]] * len(texts), alpha=1.0, top_k=3, label=1
+    )
+    with pytest.raises(ValueError, match="NaN"):
+        nan_column(torch.tensor([[5]]), torch.randn(1, len(WORDS)))
+    one_nan = ClassifierWeightedLogitsProcessor(
+        word_tokenizer, lambda texts: [0.5] * (len(texts) - 1) + [math.nan], alpha=-2.0, top_k=3
+    )
+    with pytest.raises(ValueError, match="`classifier` returned NaN"):
+        one_nan(torch.tensor([[5]]), torch.randn(1, len(WORDS)))
+
+
+def test_a_new_prompt_resets_the_candidate_texts(tiny_lm, word_tokenizer):
+    classifier = LastWordClassifier({"good": 0.9})
+    steer = ClassifierWeightedLogitsProcessor(word_tokenizer, classifier, alpha=5.0, top_k=4, include_prompt=False)
+    first = _generate(tiny_lm, torch.tensor([[5, 6, 7]]), [steer], max_new_tokens=3)
+    again = _generate(tiny_lm, torch.tensor([[5, 6, 7]]), [steer], max_new_tokens=3)
+    assert torch.equal(first, again)
+    assert steer._tracker.prompt_length == 3
+    shorter = _generate(tiny_lm, torch.tensor([[9]]), [steer], max_new_tokens=2)
+    assert steer._tracker.prompt_length == 1 and shorter.shape == (1, 3)
+    # include_prompt=False: the texts scored hold only generated words, never the prompt's.
+    assert all("movie" not in text and "was" not in text for call in classifier.calls for text in call)
 
 
 def test_works_inside_cfg_generate(tiny_lm, word_tokenizer):
@@ -416,7 +451,7 @@ CLASS_PROMPTS = [[3, 5], [4, 5, 6]]
 @pytest.mark.parametrize("budget", [None, 96 * 4])
 def test_gedi_matches_brute_force_with_padding_and_cache(tiny_lm, budget, monkeypatch):
     if budget is not None:  # long prompts: the prompt is scored in chunks of rows
-        monkeypatch.setattr("guidance.lm.steering._PROMPT_LOGITS_BUDGET", budget)
+        monkeypatch.setattr("guidance.lm.steering.gedi.PROMPT_LOGITS_BUDGET", budget)
     gedi = GeDiLogitsProcessor(tiny_lm, CLASS_PROMPTS, omega=2.0, pad_token_id=0)
     brute = BruteForceGeDi(tiny_lm, CLASS_PROMPTS, omega=2.0)
     torch.manual_seed(0)
@@ -484,6 +519,36 @@ def test_gedi_bad_arguments(tiny_lm, word_tokenizer):
     assert gedi.class_prompt_ids == [[3], [4]]
     with pytest.raises(ValueError, match="vocabulary"):
         gedi(torch.tensor([[5, 6]]), torch.zeros(1, 200))
+
+
+@pytest.mark.parametrize("prompts", [[[3], [96]], [[3], [-1]], [[3, 5], [4, 10**9]]])
+def test_gedi_class_prompt_past_the_vocabulary_is_a_clear_error(tiny_lm, prompts):
+    with pytest.raises(ValueError, match=r"outside the class LM's vocabulary \[0, 96\)"):
+        GeDiLogitsProcessor(tiny_lm, prompts, omega=1.0)
+
+
+def test_gedi_input_ids_past_the_vocabulary_is_a_clear_error_before_any_forward(tiny_lm):
+    gedi = GeDiLogitsProcessor(tiny_lm, CLASS_PROMPTS, omega=1.0, pad_token_id=0)
+    with pytest.raises(ValueError, match=r"token id 96, outside the class LM's vocabulary"):
+        gedi(torch.tensor([[5, 96]]), torch.zeros(1, 96))
+    assert gedi._state is None and gedi.stats["prefills"] == 0
+
+
+# --- the "new generation" rule ---------------------------------------------------------------
+
+
+def test_generation_tracker_rule():
+    tracker = GenerationTracker()
+    assert tracker.update(torch.tensor([[1, 2], [1, 2]]))
+    assert not tracker.update(torch.tensor([[1, 2, 9], [1, 2, 8]]))
+    assert not tracker.update(torch.tensor([[1, 2, 8, 1], [1, 2, 9, 1]])) and tracker.step == 2  # beams reordered
+    assert tracker.update(torch.tensor([[3, 4, 8, 1, 1], [1, 2, 9, 1, 1]]))  # a row's prompt changed
+    assert tracker.update(torch.tensor([[1, 2, 9, 1, 5]])) and tracker.prompt_length == 5  # fewer rows
+    assert tracker.update(torch.tensor([[1, 2, 9, 1, 5, 6, 7]]))  # two tokens at once: start over
+    assert tracker.update(torch.tensor([[0, 2, 9, 1, 5, 6, 7, 8]]))  # another prompt, one longer
+    assert not tracker.update(torch.tensor([[0, 2, 9, 1, 5, 6, 7, 8, 9]]))
+    tracker.reset()
+    assert tracker.update(torch.tensor([[0, 2, 9, 1, 5, 6, 7, 8, 9, 10]]))
 
 
 # --- the real thing -------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationM
 
 from guidance import ops
 from guidance.lm.batching import build_guided_batch, expand_negative_prompt
+from guidance.lm.sampling import sample_with_generator
 from guidance.schedules import Constant, Schedule, as_schedule
 
 __all__ = ["cfg_generate", "CFG_FORMS"]
@@ -152,6 +153,7 @@ def cfg_generate(
     streamer: Any = None,
     guidance_schedule: Schedule | Callable[..., float] | float | None = None,
     cfg_form: str = "log_probs",
+    generator: torch.Generator | None = None,
     **model_kwargs: Any,
 ) -> GenerateDecoderOnlyOutput | LongTensor:
     """Classifier-free guidance decoding with one batched forward per token.
@@ -168,6 +170,8 @@ def cfg_generate(
       ``(step, num_steps) -> scale``) over generated tokens, instead of ``guidance_scale``.
       ``num_steps`` is ``max_new_tokens``.
     - ``cfg_form``: ``"log_probs"`` (default; transformers' numbers) or ``"logits"``.
+    - ``generator``: a ``torch.Generator`` to sample from instead of torch's global one
+      (see :mod:`guidance.lm.sampling`).
 
     While guiding, the combine runs through :func:`samplers.kernels.cfg_log_softmax` (a fused
     Triton kernel on CUDA) and ``typical_p`` uses the exact, sort-free
@@ -194,6 +198,7 @@ def cfg_generate(
         negative_mask = caller.get("negative_prompt_attention_mask")
 
     _validate(model, generation_config, model_kwargs, cfg_form)
+    logits_processor, generation_config = sample_with_generator(generator, logits_processor, generation_config)
     if guidance_schedule is not None:
         if processor_scale is not None:
             raise ValueError("Pass either `guidance_scale` or `guidance_schedule`, not both.")

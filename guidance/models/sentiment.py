@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from guidance.lm.steering import SentenceEncoderClassifier
+from guidance.lm.steering.classifiers import SentenceEncoderClassifier
 
 __all__ = [
     "ENCODER_PACKAGE",

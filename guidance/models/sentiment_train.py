@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from guidance.lm.steering import SentenceEncoderClassifier
+from guidance.lm.steering.classifiers import SentenceEncoderClassifier
 from guidance.models.sentiment import (
     SENTIMENT_DATA,
     SENTIMENT_HEAD_WEIGHTS,

@@ -1,6 +1,6 @@
 """Pure guidance operators: predictions in, prediction out.
 
-Conventions (see ``shared/METHODS.md``):
+Conventions (see ``docs/methods.md``):
 
 * ``cond`` (c) is the conditional prediction, ``uncond`` (u) the unconditional or
   negative-prompt prediction, ``scale`` (w) the guidance scale.

@@ -1,6 +1,6 @@
 """PyTorch reference path of the typical-sampling kernels: runs on any device, no Triton.
 
-Locally typical sampling (Meister et al., see ``shared/METHODS.md``) keeps the smallest set of
+Locally typical sampling (Meister et al., see ``docs/methods.md``) keeps the smallest set of
 tokens, in ascending order of the score ``s = |-log p - H|`` (``H`` the entropy), whose
 probability mass reaches ``mass``; the token that crosses the mass is kept, and so are its ties.
 transformers' ``TypicalLogitsWarper`` finds that set by sorting the vocabulary and summing the
