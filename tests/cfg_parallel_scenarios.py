@@ -19,7 +19,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from guidance.adaptive import AdaptiveGuidance  # noqa: E402
-from guidance.diffusion import attach  # noqa: E402
+from guidance.branches import COND, UNCOND, Branch  # noqa: E402
+from guidance.diffusion import ForwardHooks, attach  # noqa: E402
 from guidance.guiders import APG, CFG, CFGZeroStar, PerpNeg  # noqa: E402
 from guidance.schedules import Window  # noqa: E402
 
@@ -64,6 +65,22 @@ def _sd(pipe: Any, seed: int = 0, **kwargs: Any) -> torch.Tensor:
     ).images
 
 
+class SkipLayerCFG(CFG):
+    """CFG plus ``1.5 (c - c_skipped)`` from step 1 on: a hooked third branch (the mid-block attention skipped)."""
+
+    def __init__(self, scale: float, splittable: bool = True):
+        super().__init__(scale)
+        self.hook = ForwardHooks(lambda name, module, args, output, rows: args[0], "mid_block.attentions.0")
+        self.hook.splittable = splittable
+
+    def branches(self, step, num_steps=None, sigma=None):
+        return (COND, UNCOND) + ((Branch("skipped", hook=self.hook),) if step >= 1 else ())
+
+    def __call__(self, cond, uncond, *, step, num_steps=None, sigma=None, skipped=None):
+        guided = super().__call__(cond, uncond, step=step, num_steps=num_steps, sigma=sigma)
+        return guided if skipped is None else guided + 1.5 * (cond - skipped)
+
+
 @dataclass
 class Scenario:
     kind: str
@@ -83,6 +100,7 @@ SCENARIOS: dict[str, Scenario] = {
         lambda: PerpNeg(3.0, 1.0),
         {"branch_inputs": lambda: {"negative": {"class_labels": torch.tensor([4])}}},
     ),
+    "digits_skip_layer": Scenario("digits", lambda: SkipLayerCFG(3.0)),
     "digits_cfgpp": Scenario("digits", lambda: 0.6, {"mode": lambda: "cfgpp"}),
     "sd_cfg": Scenario("sd", lambda: CFG(4.0)),
     "sd_apg": Scenario("sd", lambda: APG(6.0, momentum=-0.5, norm_threshold=5.0)),
@@ -90,12 +108,13 @@ SCENARIOS: dict[str, Scenario] = {
 }
 
 
-def run(name: str, seed: int = 0, **attach_kwargs: Any) -> torch.Tensor:
-    """The latents of scenario ``name`` with ``attach_kwargs`` added to its attach arguments."""
+def run(name: str, seed: int = 0, guider: Any = None, **attach_kwargs: Any) -> torch.Tensor:
+    """The latents of scenario ``name`` (its guider, or ``guider``) with ``attach_kwargs`` added."""
     scenario = SCENARIOS[name]
     pipe = pipe_of(scenario.kind)
     extra = {key: make() for key, make in scenario.attach.items()}
-    with attach(pipe, scenario.guider(), **extra, **attach_kwargs) as handle:
+    guider = scenario.guider() if guider is None else guider
+    with attach(pipe, guider, **extra, **attach_kwargs) as handle:
         sample = _digits if scenario.kind == "digits" else _sd
         out = sample(pipe, seed, **scenario.call)
     run.last_handle = handle  # type: ignore[attr-defined]

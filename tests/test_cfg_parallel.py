@@ -166,6 +166,13 @@ def test_simulated_two_ranks_are_the_separate_evaluator_bit_for_bit():
     assert _close(rows, scenarios.run("digits_interval")) < RELATIVE
 
 
+def test_a_hook_that_cannot_run_split_is_rejected():
+    with pytest.raises(ValueError, match="splittable = False"):
+        scenarios.run(
+            "digits_skip_layer", evaluator=SimulatedEvaluator(2), guider=scenarios.SkipLayerCFG(3.0, False)
+        )
+
+
 def test_parallel_arguments_are_checked_before_any_process_group():
     pipe = scenarios.pipe_of("digits")
     with pytest.raises(ValueError, match="`parallel` must be one of"):

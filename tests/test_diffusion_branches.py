@@ -132,7 +132,11 @@ class Reference:
             a = tuple(_rows(x, rows, full) for x in args)
             kw = _merge({k: _rows(v, rows, full) for k, v in kwargs.items()}, inputs or {}, half)
             kw[name] = sample[rows]
-            out = (model or self.original)(*a, **kw) if not a else (model or self.original)(kw.pop(name), *a, **kw)
+            out = (
+                (model or self.original)(*a, **kw)
+                if not a
+                else (model or self.original)(kw.pop(name), *a, **kw)
+            )
             self.kind = type(out)
             return out[0] if isinstance(out, tuple) else out.sample
 
