@@ -16,7 +16,8 @@ or a zero-init step drops a branch, and the adapter does not evaluate it). Guide
 method get :func:`branches_of`'s default: ``cond``, plus ``uncond`` where ``needs_uncond`` is
 true, plus ``negative`` for guiders with ``needs_negative`` (Perp-Neg).
 
-A branch describes *what* to evaluate, never *how* (no diffusers here):
+The mechanism is described in ``docs/diffusion_branches.md``. A branch describes *what* to
+evaluate, never *how* (no diffusers here):
 
 * ``source``: whose rows of the pipeline's batch give its inputs, ``"cond"`` or ``"uncond"``;
 * ``inputs``: denoiser inputs to replace (e.g. ``{"encoder_hidden_states": negative_embeds}``);
@@ -42,6 +43,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from guidance.validation import check_choice
 
 __all__ = ["Branch", "COND", "UNCOND", "NEGATIVE", "SOURCES", "branches_of"]
 
@@ -71,12 +74,13 @@ class Branch:
     model: Any = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name.isidentifier():
+        if not isinstance(self.name, str):
+            raise TypeError(f"`name` must be a string, got {type(self.name).__name__}.")
+        if not self.name.isidentifier():
             raise ValueError(
                 f"`name` must be a Python identifier (a keyword for the guider), got {self.name!r}."
             )
-        if self.source not in SOURCES:
-            raise ValueError(f"`source` must be one of {SOURCES}, got {self.source!r}.")
+        check_choice(self.source, "source", SOURCES)
         if self.inputs is not None and not isinstance(self.inputs, Mapping):
             raise TypeError(
                 f"`inputs` must be a mapping of denoiser argument names, got {type(self.inputs).__name__}."

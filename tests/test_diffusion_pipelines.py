@@ -489,10 +489,14 @@ def test_unknown_prediction_types_and_undrivable_configurations_are_rejected(sd)
         attach(sd, CFG(3.0), order="first")
     with pytest.raises(ValueError, match="negative"):
         attach(sd, PerpNeg(3.0))
-    with pytest.raises(ValueError, match="adaptive"):
+    with pytest.raises(TypeError, match="adaptive"):
         attach(sd, CFG(3.0), adaptive=0.99)
-    with pytest.raises(ValueError, match="guider"):
+    with pytest.raises(TypeError, match="guider"):
         attach(sd, "cfg")
+    with pytest.raises(TypeError, match="guider"):
+        attach(sd, True)
+    with pytest.raises(TypeError, match="denoiser"):
+        attach(sd, CFG(3.0), denoiser=0)
     with pytest.raises(ValueError, match="denoiser"):
         attach(sd, CFG(3.0), denoiser="prior")
     with attach(sd, CFG(3.0)):

@@ -38,8 +38,6 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from torch import Tensor
-
 from guidance.adaptive import UncondPolicy
 from guidance.diffusion.batch import flatten_inputs
 from guidance.diffusion.branches import BranchEvaluator, as_evaluator
@@ -51,6 +49,7 @@ from guidance.diffusion.wrapper import DenoiserWrapper
 from guidance.guiders import CFG, Guider
 from guidance.schedules import Schedule
 from guidance.spaces import normalize_prediction_type
+from guidance.validation import check_choice, check_tensor, is_real_number
 
 __all__ = ["GuidanceHandle", "attach", "detach", "MODES", "ORDERS"]
 
@@ -192,11 +191,9 @@ def _as_guider(pipe: Any, guider: Guider | float | Schedule | None) -> Guider:
         return CFG(_PipelineScale(pipe))
     if isinstance(guider, Guider):
         return guider
-    if isinstance(guider, bool):
-        raise ValueError(f"`guider` must be a Guider, a scale or a schedule, got {guider!r}.")
-    if isinstance(guider, (int, float)) or callable(guider):
+    if is_real_number(guider) or (callable(guider) and not isinstance(guider, (bool, str))):
         return CFG(guider)
-    raise ValueError(
+    raise TypeError(
         f"`guider` must be a guidance.guiders.Guider, a scale or a schedule, got {type(guider).__name__}."
     )
 
@@ -241,8 +238,7 @@ def _check_branch_inputs(branch_inputs: Any, module: Any) -> dict[str, Mapping[s
                 f"{label}: {type(module).__name__}.forward has no argument {unknown}; it has {list(parameters)}."
             )
         for path, value in flatten_inputs(inputs).items():
-            if not isinstance(value, Tensor):
-                raise TypeError(f"{label}[{'.'.join(path)!r}] must be a tensor, got {type(value).__name__}.")
+            check_tensor(value, f"branch_inputs[{name!r}][{'.'.join(path)!r}]")
     return dict(branch_inputs)
 
 
@@ -263,12 +259,10 @@ def _check_scheduler(pipe: Any, guider: Guider, mode: str, prediction_type: str 
 
 
 def _check_choices(mode: str, order: str, adaptive: Any) -> None:
-    if mode not in MODES:
-        raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
-    if order not in ORDERS:
-        raise ValueError(f"`order` must be one of {ORDERS}, got {order!r}.")
+    check_choice(mode, "mode", MODES)
+    check_choice(order, "order", ORDERS)
     if adaptive is not None and not isinstance(adaptive, UncondPolicy):
-        raise ValueError(
+        raise TypeError(
             f"`adaptive` must be an AdaptiveGuidance or RatioCutoff (reset/needs_uncond/update), got {adaptive!r}."
         )
 

@@ -97,7 +97,9 @@ class DenoiserCall:
     def build(self, values: Mapping[Path, Tensor]) -> tuple[tuple, dict]:
         """``(args, kwargs)`` of this call with its per-sample tensors replaced by ``values``."""
         leaf = self._leaf(values)
-        args = tuple(_map_leaves(a, leaf, (name,)) for name, a in zip(self._arg_names, self.args, strict=True))
+        args = tuple(
+            _map_leaves(a, leaf, (name,)) for name, a in zip(self._arg_names, self.args, strict=True)
+        )
         kwargs = {k: _map_leaves(v, leaf, (k,)) for k, v in self.kwargs.items()}
         return args, kwargs
 

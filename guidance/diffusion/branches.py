@@ -6,7 +6,7 @@ which branches it needs (:func:`guidance.branches.branches_of`), turns each into
 the network to run and the hook to install), and hands the list to a :class:`BranchEvaluator`,
 which returns one prediction per branch name. The guider then combines them.
 
-Evaluators (``attach(..., evaluator=...)``):
+Evaluators (``attach(..., evaluator=...)``; the whole mechanism: ``docs/diffusion_branches.md``):
 
 * :class:`BatchedEvaluator` (``"batched"``, the default): one denoiser call for every request
   on the same network whose hook can act on its own rows (``hook.per_row``) or has none; a

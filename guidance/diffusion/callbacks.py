@@ -161,7 +161,7 @@ class ScheduleCallback(PipelineCallback):
         scheduler = pipeline.scheduler
         if step_index == 0:
             self._saved = {}
-            used = float(pipeline._guidance_scale)
+            used = float(pipeline.guidance_scale)
             level = noise_level_at(scheduler, scheduler.timesteps[0], 0)
             wanted = float(self.schedule(0, num_steps, schedule_sigma(level)))
             self.scales = [used]
@@ -185,7 +185,7 @@ class ScheduleCallback(PipelineCallback):
                 UserWarning,
                 stacklevel=2,
             )
-        guided_now = bool(getattr(pipeline, "do_classifier_free_guidance", pipeline._guidance_scale > 1))
+        guided_now = bool(getattr(pipeline, "do_classifier_free_guidance", pipeline.guidance_scale > 1))
         guided_next = scale > 1
         if guided_now and not guided_next:
             for name in self._tensor_inputs:
