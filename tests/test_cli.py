@@ -44,11 +44,6 @@ def test_side_by_side_columns():
 
 @pytest.mark.slow
 def test_main_job_on_the_embedded_model(capsys):
-    assert (
-        main(
-            ["--prompt", "Name a colour.", "--max-new-tokens", "6", "--guidance-scale", "2", "--width", "100"]
-        )
-        == 0
-    )
+    assert main(["--prompt", "Name a colour.", "--max-new-tokens", "6", "--guidance-scale", "2", "--width", "100"]) == 0
     out = capsys.readouterr().out
     assert "Unguided (scale 1)" in out and "Guided (scale 2)" in out and "SmolLM2-135M-Instruct" in out

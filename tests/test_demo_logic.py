@@ -281,9 +281,7 @@ def test_stop_event_ends_generation_after_one_token(word_lm, word_tokenizer):
     stop = threading.Event()
     stop.set()
     progress = list(
-        text_tab._stream_generation(
-            word_lm, word_tokenizer, "the movie", stop, max_new_tokens=20, do_sample=False
-        )
+        text_tab._stream_generation(word_lm, word_tokenizer, "the movie", stop, max_new_tokens=20, do_sample=False)
     )
     assert progress[-1].done and progress[-1].tokens == 1
 

@@ -132,11 +132,7 @@ class Reference:
             a = tuple(_rows(x, rows, full) for x in args)
             kw = _merge({k: _rows(v, rows, full) for k, v in kwargs.items()}, inputs or {}, half)
             kw[name] = sample[rows]
-            out = (
-                (model or self.original)(*a, **kw)
-                if not a
-                else (model or self.original)(kw.pop(name), *a, **kw)
-            )
+            out = (model or self.original)(*a, **kw) if not a else (model or self.original)(kw.pop(name), *a, **kw)
             self.kind = type(out)
             return out[0] if isinstance(out, tuple) else out.sample
 
@@ -448,7 +444,7 @@ def test_bad_branch_configurations_are_rejected(sd):
         (dict(guider=PerpNeg(3.0)), ValueError, "negative"),
         (dict(branch_inputs={"negative": {"encoder_hidden_state": embeds}}), ValueError, "has no argument"),
         (dict(branch_inputs={"cond": {"encoder_hidden_states": embeds}}), ValueError, "other than 'cond'"),
-        (dict(branch_inputs={"negative": {"encoder_hidden_states": "blur"}}), TypeError, "must be a torch.Tensor"),
+        (dict(branch_inputs={"negative": {"encoder_hidden_states": "blur"}}), TypeError, "must be a tensor"),
         (dict(branch_inputs=[("negative", embeds)]), TypeError, "branch_inputs"),
         (dict(evaluator="parallel"), ValueError, "evaluator"),
         (dict(evaluator=object()), TypeError, "evaluator"),

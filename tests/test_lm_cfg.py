@@ -18,9 +18,7 @@ def _gen(model, ids, mask=None, **kwargs):
     torch.manual_seed(kwargs.pop("seed", 0))
     if mask is None:
         mask = torch.ones_like(ids)
-    return model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=kwargs.pop("max_new_tokens", 12), **kwargs
-    )
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=kwargs.pop("max_new_tokens", 12), **kwargs)
 
 
 @pytest.mark.parametrize("sampling", [False, True])
@@ -50,9 +48,7 @@ def test_matches_transformers_cfg(tiny_lm, scale, negative):
 
 def test_processors_apply_after_guidance_like_transformers(tiny_lm):
     kwargs = dict(guidance_scale=2.0, repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=5)
-    assert torch.equal(
-        _gen(tiny_lm, PROMPT, **kwargs), _gen(tiny_lm, PROMPT, custom_generate=cfg_generate, **kwargs)
-    )
+    assert torch.equal(_gen(tiny_lm, PROMPT, **kwargs), _gen(tiny_lm, PROMPT, custom_generate=cfg_generate, **kwargs))
 
 
 def test_padded_batch_rows_equal_single_rows(tiny_lm):
@@ -69,21 +65,13 @@ def test_padded_batch_rows_equal_single_rows(tiny_lm):
     ids, mask = left_pad(prompts)
     neg_ids, neg_mask = left_pad(negatives)
     batched = _gen(
-        tiny_lm,
-        ids,
-        mask,
-        guidance_scale=2.5,
-        negative_prompt_ids=neg_ids,
-        negative_prompt_attention_mask=neg_mask,
-        custom_generate=cfg_generate,
+        tiny_lm, ids, mask, guidance_scale=2.5, negative_prompt_ids=neg_ids,
+        negative_prompt_attention_mask=neg_mask, custom_generate=cfg_generate,
     )
     for row, (prompt, negative) in enumerate(zip(prompts, negatives, strict=True)):
         single = _gen(
-            tiny_lm,
-            torch.tensor([prompt]),
-            guidance_scale=2.5,
-            negative_prompt_ids=torch.tensor([negative]),
-            custom_generate=cfg_generate,
+            tiny_lm, torch.tensor([prompt]), guidance_scale=2.5,
+            negative_prompt_ids=torch.tensor([negative]), custom_generate=cfg_generate,
         )
         assert batched[row, -12:].tolist() == single[0, -12:].tolist()
 
@@ -91,25 +79,15 @@ def test_padded_batch_rows_equal_single_rows(tiny_lm):
 def test_one_negative_prompt_for_all_rows_and_num_return_sequences(tiny_lm):
     ids = torch.tensor([[5, 17, 33], [7, 3, 50]])
     out = _gen(
-        tiny_lm,
-        ids,
-        guidance_scale=2.0,
-        negative_prompt_ids=NEGATIVE,
-        num_return_sequences=3,
-        do_sample=True,
-        custom_generate=cfg_generate,
+        tiny_lm, ids, guidance_scale=2.0, negative_prompt_ids=NEGATIVE, num_return_sequences=3,
+        do_sample=True, custom_generate=cfg_generate,
     )
     assert out.shape == (6, 3 + 12)
     assert torch.equal(out[:3, :3], ids[:1].expand(3, -1)) and torch.equal(out[3:, :3], ids[1:].expand(3, -1))
     per_prompt = torch.tensor([[9, 27, 4], [0, 11, 12]])
     out = _gen(
-        tiny_lm,
-        ids,
-        guidance_scale=2.0,
-        negative_prompt_ids=per_prompt,
-        negative_prompt_attention_mask=(per_prompt != 0).long(),
-        num_return_sequences=2,
-        do_sample=True,
+        tiny_lm, ids, guidance_scale=2.0, negative_prompt_ids=per_prompt,
+        negative_prompt_attention_mask=(per_prompt != 0).long(), num_return_sequences=2, do_sample=True,
         custom_generate=cfg_generate,
     )
     assert out.shape == (4, 3 + 12)
@@ -138,23 +116,16 @@ def test_streamer_receives_every_generated_token(tiny_lm):
     out = _gen(tiny_lm, PROMPT, guidance_scale=2.0, streamer=streamer, custom_generate=cfg_generate)
     assert streamer.ended
     assert streamer.chunks[0] == PROMPT[0].tolist()
-    assert [token for chunk in streamer.chunks[1:] for token in chunk] == out[0, PROMPT.shape[1] :].tolist()
+    assert [token for chunk in streamer.chunks[1:] for token in chunk] == out[0, PROMPT.shape[1]:].tolist()
 
 
 def test_eos_and_stopping_criteria(tiny_lm):
     class StopAfter(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            return torch.full(
-                (input_ids.shape[0],), input_ids.shape[1] >= PROMPT.shape[1] + 4, dtype=torch.bool
-            )
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= PROMPT.shape[1] + 4, dtype=torch.bool)
 
-    out = _gen(
-        tiny_lm,
-        PROMPT,
-        guidance_scale=2.0,
-        stopping_criteria=StoppingCriteriaList([StopAfter()]),
-        custom_generate=cfg_generate,
-    )
+    out = _gen(tiny_lm, PROMPT, guidance_scale=2.0, stopping_criteria=StoppingCriteriaList([StopAfter()]),
+               custom_generate=cfg_generate)
     assert out.shape[1] == PROMPT.shape[1] + 4
     guided = _gen(tiny_lm, PROMPT, guidance_scale=2.0, custom_generate=cfg_generate)
     eos = int(guided[0, PROMPT.shape[1] + 2])  # make the third generated token an EOS
@@ -169,27 +140,16 @@ def test_schedule_window_turns_guidance_off_and_drops_unconditional_rows(tiny_lm
         lambda module, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True
     )
     try:
-        ours = _gen(
-            tiny_lm,
-            PROMPT,
-            guidance_schedule=window,
-            custom_generate=cfg_generate,
-            return_dict_in_generate=True,
-            output_scores=True,
-        )
+        ours = _gen(tiny_lm, PROMPT, guidance_schedule=window, custom_generate=cfg_generate,
+                    return_dict_in_generate=True, output_scores=True)
     finally:
         hook.remove()
     # Prefill and steps 1-3 carry both branches; from step 4 (guidance off) only the prompt rows run.
     assert batch_sizes == [2] * 4 + [1] * 8
     # Independent path: the processor form with the same model as unconditional source.
     reference_processor = CFGLogitsProcessor(1.0, ModelUnconditionalLogits(tiny_lm), guidance_schedule=window)
-    reference = _gen(
-        tiny_lm,
-        PROMPT,
-        logits_processor=LogitsProcessorList([reference_processor]),
-        return_dict_in_generate=True,
-        output_scores=True,
-    )
+    reference = _gen(tiny_lm, PROMPT, logits_processor=LogitsProcessorList([reference_processor]),
+                     return_dict_in_generate=True, output_scores=True)
     assert torch.equal(ours.sequences, reference.sequences)
     for step, (a, b) in enumerate(zip(ours.scores, reference.scores, strict=True)):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
@@ -204,18 +164,13 @@ def test_schedule_window_turns_guidance_off_and_drops_unconditional_rows(tiny_lm
 def test_linear_schedule_matches_processor_form(tiny_lm):
     ramp = Linear(1.0, 4.0)
     ours = _gen(tiny_lm, PROMPT, guidance_schedule=ramp, custom_generate=cfg_generate)
-    processor = CFGLogitsProcessor(
-        1.0, ModelUnconditionalLogits(tiny_lm), guidance_schedule=ramp, num_steps=12
-    )
+    processor = CFGLogitsProcessor(1.0, ModelUnconditionalLogits(tiny_lm), guidance_schedule=ramp, num_steps=12)
     assert torch.equal(ours, _gen(tiny_lm, PROMPT, logits_processor=LogitsProcessorList([processor])))
 
 
 def test_processor_form_matches_transformers_cfg(tiny_lm):
     processor = CFGLogitsProcessor(
-        2.0,
-        ModelUnconditionalLogits(
-            tiny_lm, context_ids=NEGATIVE, context_attention_mask=torch.ones_like(NEGATIVE)
-        ),
+        2.0, ModelUnconditionalLogits(tiny_lm, context_ids=NEGATIVE, context_attention_mask=torch.ones_like(NEGATIVE))
     )
     ours = _gen(tiny_lm, PROMPT, logits_processor=LogitsProcessorList([processor]))
     reference = _gen(tiny_lm, PROMPT, guidance_scale=2.0, negative_prompt_ids=NEGATIVE)
@@ -223,9 +178,7 @@ def test_processor_form_matches_transformers_cfg(tiny_lm):
 
 
 def test_raw_logit_form_differs_only_by_row_constants(tiny_lm):
-    kwargs = dict(
-        guidance_scale=2.0, return_dict_in_generate=True, output_scores=True, custom_generate=cfg_generate
-    )
+    kwargs = dict(guidance_scale=2.0, return_dict_in_generate=True, output_scores=True, custom_generate=cfg_generate)
     log_probs = _gen(tiny_lm, PROMPT, **kwargs)
     logits = _gen(tiny_lm, PROMPT, cfg_form="logits", **kwargs)
     assert torch.equal(log_probs.sequences, logits.sequences)
@@ -236,10 +189,7 @@ def test_raw_logit_form_differs_only_by_row_constants(tiny_lm):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (
-            dict(guidance_scale=2.0, negative_prompt_ids=torch.ones(3, 2, dtype=torch.long)),
-            "negative_prompt_ids",
-        ),
+        (dict(guidance_scale=2.0, negative_prompt_ids=torch.ones(3, 2, dtype=torch.long)), "negative_prompt_ids"),
         (dict(guidance_scale=2.0, num_beams=2), "num_beams"),
         (dict(guidance_scale=2.0, guidance_schedule=Linear(1, 2)), "either"),
         (dict(guidance_schedule=lambda step: float("inf")), "finite"),
@@ -264,17 +214,11 @@ def test_encoder_decoder_models_are_rejected():
     from transformers import T5Config, T5ForConditionalGeneration
 
     model = T5ForConditionalGeneration(
-        T5Config(
-            vocab_size=32, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, decoder_start_token_id=0
-        )
+        T5Config(vocab_size=32, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, decoder_start_token_id=0)
     ).eval()
     with pytest.raises(ValueError, match="decoder-only"):
-        model.generate(
-            input_ids=torch.tensor([[3, 4, 5]]),
-            guidance_scale=2.0,
-            max_new_tokens=3,
-            custom_generate=cfg_generate,
-        )
+        model.generate(input_ids=torch.tensor([[3, 4, 5]]), guidance_scale=2.0, max_new_tokens=3,
+                       custom_generate=cfg_generate)
 
 
 def test_nan_logits_raise_a_clear_error(tiny_lm):
@@ -306,10 +250,8 @@ def test_embedded_model_matches_transformers_cfg_token_for_token(smollm2):
             for use_negative in (False, True):
                 kwargs = dict(max_new_tokens=12, do_sample=False, guidance_scale=scale)
                 if use_negative:
-                    kwargs.update(
-                        negative_prompt_ids=negative.input_ids,
-                        negative_prompt_attention_mask=negative.attention_mask,
-                    )
+                    kwargs.update(negative_prompt_ids=negative.input_ids,
+                                  negative_prompt_attention_mask=negative.attention_mask)
                 reference = model.generate(**inputs, **kwargs)
                 ours = model.generate(**inputs, **kwargs, custom_generate=cfg_generate)
                 assert torch.equal(reference, ours), (prompt, scale, use_negative)
@@ -319,12 +261,7 @@ def test_embedded_model_matches_transformers_cfg_token_for_token(smollm2):
 def test_embedded_model_scale_one_bit_identical(smollm2):
     model, tokenizer = smollm2
     inputs = tokenizer(["Tell me a joke.", "The weather today"], return_tensors="pt", padding=True)
-    kwargs = dict(
-        max_new_tokens=10,
-        return_dict_in_generate=True,
-        output_scores=True,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    kwargs = dict(max_new_tokens=10, return_dict_in_generate=True, output_scores=True, pad_token_id=tokenizer.pad_token_id)
     plain = model.generate(**inputs, **kwargs)
     ours = model.generate(**inputs, **kwargs, guidance_scale=1.0, custom_generate=cfg_generate)
     assert torch.equal(plain.sequences, ours.sequences)

@@ -38,9 +38,7 @@ def test_cfg_formula_and_ho_salimans_convention():
 
 def test_raw_logit_form_matches_transformers_batched_processor():
     c, u = torch.randn(2, 11), torch.randn(2, 11)
-    reference = ClassifierFreeGuidanceLogitsProcessor(2.5)(
-        torch.zeros(2, 1, dtype=torch.long), torch.cat([c, u])
-    )
+    reference = ClassifierFreeGuidanceLogitsProcessor(2.5)(torch.zeros(2, 1, dtype=torch.long), torch.cat([c, u]))
     torch.testing.assert_close(cfg_logits(c, u, 2.5), reference, rtol=0, atol=0)
 
 

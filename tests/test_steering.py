@@ -376,9 +376,7 @@ def test_nan_scores_or_nan_classifier_output_are_clear_errors(word_tokenizer):
 
 def test_a_new_prompt_resets_the_candidate_texts(tiny_lm, word_tokenizer):
     classifier = LastWordClassifier({"good": 0.9})
-    steer = ClassifierWeightedLogitsProcessor(
-        word_tokenizer, classifier, alpha=5.0, top_k=4, include_prompt=False
-    )
+    steer = ClassifierWeightedLogitsProcessor(word_tokenizer, classifier, alpha=5.0, top_k=4, include_prompt=False)
     first = _generate(tiny_lm, torch.tensor([[5, 6, 7]]), [steer], max_new_tokens=3)
     again = _generate(tiny_lm, torch.tensor([[5, 6, 7]]), [steer], max_new_tokens=3)
     assert torch.equal(first, again)
@@ -543,9 +541,7 @@ def test_generation_tracker_rule():
     tracker = GenerationTracker()
     assert tracker.update(torch.tensor([[1, 2], [1, 2]]))
     assert not tracker.update(torch.tensor([[1, 2, 9], [1, 2, 8]]))
-    assert (
-        not tracker.update(torch.tensor([[1, 2, 8, 1], [1, 2, 9, 1]])) and tracker.step == 2
-    )  # beams reordered
+    assert not tracker.update(torch.tensor([[1, 2, 8, 1], [1, 2, 9, 1]])) and tracker.step == 2  # beams reordered
     assert tracker.update(torch.tensor([[3, 4, 8, 1, 1], [1, 2, 9, 1, 1]]))  # a row's prompt changed
     assert tracker.update(torch.tensor([[1, 2, 9, 1, 5]])) and tracker.prompt_length == 5  # fewer rows
     assert tracker.update(torch.tensor([[1, 2, 9, 1, 5, 6, 7]]))  # two tokens at once: start over
