@@ -9,7 +9,9 @@ thresholds, the guidance interval (Kynkaanniemi et al.; by default the middle ha
 run's noise levels) and a fixed-ratio cut-off. For each it reports network evaluations per image
 (sample rows through the denoiser, counted at its input layer), wall time per image (median of
 ``--repeats`` runs after one warm-up), both relative to plain CFG, and the largest absolute
-difference of the final latents from plain CFG (0 = same images).
+difference of the final latents from plain CFG (0 = same images). With ``--perturbed`` (default)
+it adds the perturbation guiders (CFG plus a perturbed branch: PAG batched and one call per
+branch, SEG, SLG, TPG, S^2-Guidance; AutoGuidance with the weak model on ``digits``).
 
 Part 2 times each guidance operator on one step's predictions (``guide()``: the guider plus,
 for x0-space operators, the conversions) and the adaptive cosine similarity, relative to one
@@ -43,7 +45,20 @@ from guidance.adaptive import AdaptiveGuidance, RatioCutoff, cosine_similarity  
 from guidance.diffusion import attach  # noqa: E402
 from guidance.diffusion.schedulers import noise_level_at, schedule_sigma  # noqa: E402
 from guidance.diffusion.schedulers import prediction_type as scheduler_prediction_type  # noqa: E402
-from guidance.guiders import APG, CFG, BetaCFG, CFGZeroStar, RescaledCFG, guide  # noqa: E402
+from guidance.guiders import (  # noqa: E402
+    APG,
+    CFG,
+    AutoGuidance,
+    BetaCFG,
+    CFGZeroStar,
+    PerturbedAttention,
+    RescaledCFG,
+    SkipLayer,
+    SmoothedEnergy,
+    StochasticSelf,
+    TokenPerturbation,
+    guide,
+)
 from guidance.schedules import Interval  # noqa: E402
 
 PROMPTS = ["a red cat", "a dog on a hill", "blue sky", "an old tree"]
@@ -153,6 +168,40 @@ def interval_bounds(pipe: Any, steps: int) -> tuple[float, float]:
     return sigmas[min(lo_step, steps - 1)], sigmas[hi_step] * 1.0000001
 
 
+# Layers the perturbation guiders act on, per pipeline: (self-attention layers, blocks to skip/shuffle).
+PERTURBED_LAYERS = {
+    "sd": ("mid", "mid_block.attentions.0.transformer_blocks.0"),
+    "sdxl": ("mid", "mid_block.attentions.0.transformer_blocks.0"),
+    "sd3": ("transformer_blocks.0", "transformer_blocks.0"),
+    "dit": ("transformer_blocks.0", "transformer_blocks.0"),
+    "digits": ("mid", "mid_block.attentions.0"),
+}
+
+
+def perturbed_configs(args: argparse.Namespace, pipe: Any) -> list[tuple[str, Callable[[], Any]]]:
+    """CFG plus a perturbed branch (s = 1, every step): batched in one call, and PAG also one call per branch."""
+    attention, blocks = PERTURBED_LAYERS[args.pipeline]
+    w = args.scale
+    configs: list[tuple[str, Callable[[], Any]]] = [
+        ("PAG (CFG + perturbed, batched)", lambda: attach(pipe, PerturbedAttention(w, 1.0, layers=attention))),
+        (
+            "PAG (one call per branch)",
+            lambda: attach(pipe, PerturbedAttention(w, 1.0, layers=attention), evaluator="separate"),
+        ),
+        ("SEG (batched)", lambda: attach(pipe, SmoothedEnergy(w, 1.0, layers=attention))),
+        ("SLG (batched, every step)", lambda: attach(pipe, SkipLayer(w, 1.0, layers=blocks, start=0.0, stop=1.0))),
+        ("SLG (window 0.01-0.2)", lambda: attach(pipe, SkipLayer(w, 1.0, layers=blocks))),
+        ("TPG (batched)", lambda: attach(pipe, TokenPerturbation(w, 1.0, layers=blocks))),
+        ("S2-Guidance (batched)", lambda: attach(pipe, StochasticSelf(w, 0.25, layers=blocks, ratio=1.0))),
+    ]
+    if args.pipeline == "digits":
+        from guidance.models.digits_weak import load_digits_weak_unet
+
+        weak = load_digits_weak_unet()
+        configs.append(("AutoGuidance (weak model, no CFG)", lambda: attach(pipe, AutoGuidance(w, model=weak))))
+    return configs
+
+
 def part1(args: argparse.Namespace, pipe: Any, call: Callable[..., Any]) -> list[dict[str, Any]]:
     lo, hi = interval_bounds(pipe, args.steps)
     configs: list[tuple[str, Callable[[], Any] | None]] = [
@@ -174,6 +223,8 @@ def part1(args: argparse.Namespace, pipe: Any, call: Callable[..., Any]) -> list
         )
     )
     configs.append(("cut-off ratio 0.5", lambda: attach(pipe, CFG(args.scale), adaptive=RatioCutoff(0.5))))
+    if args.perturbed:
+        configs += perturbed_configs(args, pipe)
 
     rows: list[dict[str, Any]] = []
     reference = None
@@ -342,6 +393,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--op-repeats", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--perturbed", action=argparse.BooleanOptionalAction, default=True,
+        help="also time the perturbation guiders (PAG, SEG, SLG, TPG, S2G; AutoGuidance on digits)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest)")
     parser.add_argument("--json", type=Path, default=None, help="write both tables as JSON here")
     parser.add_argument("--plot", type=Path, default=None, help="save the adaptive-threshold sweep as a PNG")

@@ -14,7 +14,10 @@ from the same initial noise with DDIM (``--steps``, default 25, eta 0) and repor
 
 Methods: CFG, APG (paper form on x0, and diffusers' form on eps), guidance rescale,
 CFG-Zero*, CFG++ (its scale is lambda in [0, 1]), linear and cosine increasing schedules
-at equal mean scale, the guidance interval, adaptive guidance and a fixed-ratio cut-off.
+at equal mean scale, the guidance interval, adaptive guidance and a fixed-ratio cut-off; and
+the prediction-only guiders TCFG, FDG, MAMBO-G, APG-mix, CFGNorm, CFG-Renorm, Mahiro, FreSca,
+plus ICG and TSG (their reference branch, the conditional rows under a random class or a noisy
+time embedding, is evaluated by ``attach``'s branch mechanism).
 Writes a JSON table, the plots and image grids, and prints the table.
 
 Run (about 20-40 minutes on 2 busy CPU cores; ``--quick`` for a smoke run):
@@ -40,7 +43,28 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from guidance.adaptive import AdaptiveGuidance, RatioCutoff  # noqa: E402
 from guidance.diffusion import attach  # noqa: E402
-from guidance.guiders import APG, CFG, CFGZeroStar, RescaledCFG  # noqa: E402
+from guidance.guiders import (  # noqa: E402
+    APG,
+    CFG,
+    APGMix,
+    AutoGuidance,
+    CFGNorm,
+    CFGZeroStar,
+    FrequencyDecoupled,
+    FreSca,
+    IndependentCondition,
+    MagnitudeAware,
+    PerturbedAttention,
+    RenormCFG,
+    RescaledCFG,
+    SimilarityAdaptive,
+    SkipLayer,
+    SmoothedEnergy,
+    StochasticSelf,
+    TangentialCFG,
+    TimestepGuidance,
+    TokenPerturbation,
+)
 from guidance.models.digits import (  # noqa: E402
     NUM_CLASSES,
     load_digits_pipeline,
@@ -82,6 +106,57 @@ class Setting:
     def name(self) -> str:
         suffix = "".join(f",{k}={v}" for k, v in self.extra.items())
         return f"{self.method}@{self.scale:g}{suffix}"
+
+
+# The guiders of issue 12. FDG: w on the fine band, (w + 1) / 2 on the coarse one (the paper's
+# high/low split); FreSca: cutoff 2 (the node's 20 covers all of an 8 x 8 latent, i.e. plain CFG).
+NEW_GUIDERS: dict[str, tuple[Callable[[float], Any], str]] = {
+    "tcfg": (lambda w: TangentialCFG(w), "eps space"),
+    "fdg": (lambda w: FrequencyDecoupled((w, (w + 1) / 2)), "fine band w, coarse (w+1)/2"),
+    "mambo_g": (lambda w: MagnitudeAware(w, alpha=8.0), "alpha=8, eps space"),
+    "apg_mix": (
+        lambda w: APGMix(w, apg_scale=w, momentum=-0.5, norm_threshold=10.0, apg_start_step=5),
+        "CFG for steps 0-5, then APG (diffusers form, beta=-0.5, r=10)",
+    ),
+    "cfg_norm": (lambda w: CFGNorm(w), "x0 space (ComfyUI)"),
+    "renorm": (lambda w: RenormCFG(w, renorm=1.0), "rho=1, eps space"),
+    "mahiro": (lambda w: SimilarityAdaptive(w), "x0 space, per sample"),
+    "fresca": (lambda w: FreSca(w, scale_low=1.0, scale_high=1.25, freq_cutoff=2), "low 1.0, high 1.25, cutoff 2"),
+    "icg": (lambda w: IndependentCondition(w, num_classes=NUM_CLASSES), "random class label per step"),
+    "tsg": (lambda w: TimestepGuidance(w), "s=3, a=0.25, t/1000, times std"),
+    "tsg_gentle": (lambda w: TimestepGuidance(w, noise_scale=1.0), "s=1 (the reported s=3 breaks this model)"),
+}
+
+
+# The perturbation guiders of issue 12 (guidance from a perturbed forward or a weaker model). The
+# scale axis is the same as CFG's: ``p + w (c - p)`` with ``p`` the perturbed (or weak) prediction,
+# i.e. perturbed scale ``s = w - 1`` and no CFG; ``*_cfg`` rows add the perturbation (s = 1) to CFG at w.
+# The digits UNet has self-attention at 2x2 in down_blocks.2, mid_block and up_blocks.0.
+def _weak_unet() -> Any:
+    from guidance.models.digits_weak import load_digits_weak_unet
+
+    return load_digits_weak_unet()
+
+
+PERTURBED_GUIDERS: dict[str, tuple[Callable[[float], Any], str]] = {
+    "pag": (lambda w: PerturbedAttention(1.0, w - 1.0, layers="mid"), "identity attention in mid, s=w-1, no CFG"),
+    "pag_cfg": (lambda w: PerturbedAttention(w, 1.0, layers="mid"), "CFG w + PAG s=1 (mid)"),
+    "seg": (lambda w: SmoothedEnergy(1.0, w - 1.0, layers="mid"), "mean query in mid, s=w-1, no CFG"),
+    "slg": (
+        lambda w: SkipLayer(1.0, w - 1.0, layers="mid_block.attentions.0", start=0.0, stop=1.0),
+        "mid attention skipped, every step, s=w-1, no CFG",
+    ),
+    "slg_cfg": (
+        lambda w: SkipLayer(w, 1.0, layers="mid_block.attentions.0"),
+        "CFG w + SLG s=1, window 0.01-0.2",
+    ),
+    "tpg": (lambda w: TokenPerturbation(1.0, w - 1.0, layers="mid_block.attentions.0"), "tokens shuffled before mid attention, s=w-1"),
+    "s2g": (
+        lambda w: StochasticSelf(1.0, w - 1.0, layers="*.attentions.[0-9]", ratio=0.5),
+        "2 of 4 attention layers dropped at random per step, s=w-1",
+    ),
+    "autoguidance": (lambda w: AutoGuidance(w, model=_weak_unet()), "weak model: 1/4 channels, 600 steps"),
+}
 
 
 def build_settings(
@@ -130,6 +205,8 @@ def build_settings(
                 f"w for sigma in ({INTERVAL_SIGMA[0]}, {INTERVAL_SIGMA[1]}]",
             ),
         ]
+        for method, (make, note) in (NEW_GUIDERS | PERTURBED_GUIDERS).items():
+            settings.append(Setting(method, w, lambda w=w, make=make: {"guider": make(w)}, note))
     top = max(scales)
     settings.append(
         Setting(
@@ -342,6 +419,25 @@ PLOT_STYLE = {
     "interval": ("tab:purple", "X"),
     "adaptive": ("tab:olive", "*"),
     "cutoff": ("tab:gray", "h"),
+    "tcfg": ("darkgreen", "o"),
+    "fdg": ("navy", "s"),
+    "mambo_g": ("teal", "D"),
+    "apg_mix": ("crimson", "^"),
+    "cfg_norm": ("gold", "v"),
+    "renorm": ("darkorange", "P"),
+    "mahiro": ("magenta", "<"),
+    "fresca": ("slateblue", ">"),
+    "icg": ("sienna", "X"),
+    "tsg": ("darkslategray", "*"),
+    "tsg_gentle": ("silver", "*"),
+    "pag": ("crimson", "P"),
+    "pag_cfg": ("lightcoral", "P"),
+    "seg": ("darkcyan", "d"),
+    "slg": ("olive", "s"),
+    "slg_cfg": ("yellowgreen", "s"),
+    "tpg": ("indigo", "v"),
+    "s2g": ("peru", "^"),
+    "autoguidance": ("black", "h"),
 }
 SWEPT = [m for m in PLOT_STYLE if m not in ("adaptive", "cutoff")]
 

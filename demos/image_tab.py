@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +47,41 @@ __all__ = [
     "scales_for_method",
 ]
 
-IMAGE_METHODS = ("CFG", "APG", "Rescaled CFG", "CFG-Zero*", "CFG++")
+
+def _guider_factories() -> dict[str, Callable[[float | Schedule], Any]]:
+    """Method name -> guider built from a schedule (imported on first use: the page loads without them)."""
+    from guidance import guiders as g
+
+    return {
+        "CFG": g.CFG,
+        "APG": lambda s: g.APG(s, eta=0.0, convention="paper"),
+        "Rescaled CFG": lambda s: g.RescaledCFG(s, rescale=0.7),
+        "CFG-Zero*": g.CFGZeroStar,
+        "CFG++": g.CFG,  # a plain CFG carrying lambda; attach(mode="cfgpp") does the rest
+        "TCFG": g.TangentialCFG,
+        "MAMBO-G": lambda s: g.MagnitudeAware(s, alpha=8.0),
+        "APG-mix": lambda s: g.APGMix(s, apg_scale=s, momentum=-0.5, norm_threshold=10.0, apg_start_step=5),
+        "CFGNorm": lambda s: g.CFGNorm(s, strength=1.0),
+        "CFG-Renorm": lambda s: g.RenormCFG(s, renorm=1.0, trunc=1.0),
+        "Mahiro": g.SimilarityAdaptive,
+        "FreSca": lambda s: g.FreSca(s, scale_low=1.0, scale_high=1.25, freq_cutoff=2),
+    }
+
+
+IMAGE_METHODS = (
+    "CFG",
+    "APG",
+    "Rescaled CFG",
+    "CFG-Zero*",
+    "CFG++",
+    "TCFG",
+    "MAMBO-G",
+    "APG-mix",
+    "CFGNorm",
+    "CFG-Renorm",
+    "Mahiro",
+    "FreSca",
+)
 DEFAULT_SCALES = "1, 2, 3, 5"
 DEFAULT_LAMBDAS = "0.2, 0.4, 0.6, 0.8"  # CFG++'s scale is lambda in [0, 1]
 # Any value > 1 makes the pipeline batch [uncond, cond]; the attached guider sets the real scale.
@@ -80,17 +115,9 @@ def parse_scales(text: Any, method: str) -> list[float]:
 
 
 def make_guider(method: str, schedule: float | Schedule) -> Any:
-    """The guider of ``method`` with ``schedule`` (for CFG++ a plain CFG carrying lambda; ``attach`` does the rest)."""
-    from guidance.guiders import APG, CFG, CFGZeroStar, RescaledCFG
-
+    """The guider of ``method`` (one of ``IMAGE_METHODS``) with ``schedule``."""
     choice(method, "Method", IMAGE_METHODS)
-    if method == "APG":
-        return APG(schedule, eta=0.0, convention="paper")
-    if method == "Rescaled CFG":
-        return RescaledCFG(schedule, rescale=0.7)
-    if method == "CFG-Zero*":
-        return CFGZeroStar(schedule)
-    return CFG(schedule)
+    return _guider_factories()[method](schedule)
 
 
 @dataclass(frozen=True)

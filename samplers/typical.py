@@ -1,8 +1,9 @@
 """Locally typical sampling (Meister et al., "Locally Typical Sampling", TACL 2023), sort-free.
 
 :class:`LocallyTypicalWarper` is a drop-in for transformers' ``TypicalLogitsWarper`` (the same
-token set: the token that crosses the mass is kept, ties are kept, at least
-``min_tokens_to_keep`` tokens), that sorts nothing and decides the boundary exactly. The math
+token set: the token that crosses the mass is kept with all its ties; when that set is smaller
+than ``min_tokens_to_keep``, exactly ``min_tokens_to_keep`` tokens, ties broken by token id),
+that sorts nothing and decides the boundary exactly. The math
 is in ``docs/methods.md``; the implementation in :mod:`samplers.kernels` (Triton on CUDA,
 PyTorch elsewhere).
 
@@ -35,37 +36,48 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import LogitsProcessor
 
 from samplers.kernels import typical_filter
-from samplers.kernels.reference import validate_mass, validate_min_tokens_to_keep
+from samplers.kernels.reference import validate_filter_value, validate_mass, validate_min_tokens_to_keep
 
-__all__ = ["LocallyTypicalWarper"]
+__all__ = ["LocallyTypicalWarper", "boundary_flip_rates"]
 
 
-class LocallyTypicalWarper(LogitsProcessor):
-    r"""[`LogitsProcessor`] for locally typical sampling with an exact boundary and no sort.
+class LocallyTypicalWarper:
+    r"""Logits warper for locally typical sampling with an exact boundary and no sort.
 
     Keeps the smallest set of tokens, in ascending order of ``|-log p - H|`` (``H`` the
-    entropy of the row), whose probability mass reaches ``mass``; the crossing token and its
-    ties are kept, and at least ``min_tokens_to_keep`` tokens. Other scores become
+    entropy of the row), whose probability mass reaches ``mass``; other scores become
     ``filter_value``. The same set as transformers' ``TypicalLogitsWarper`` except where its
     float32 running sum rounds across the mass (see the module docstring). The entropy is
     computed with the log-sum-exp and the threshold found by a radix select (PyTorch) or a
-    pivot search (Triton, on CUDA) instead of sorting the vocabulary.
+    pivot search (Triton, on CUDA; long rows split across programs) instead of sorting the
+    vocabulary.
+
+    Tie rule: every token tied with the one that crosses the mass is kept (as transformers);
+    when fewer than ``min_tokens_to_keep`` tokens are kept, exactly ``min_tokens_to_keep`` are,
+    the first in (score, token id) order (transformers also keeps exactly that many, tied
+    tokens in its sort's order).
+
+    It has transformers' ``LogitsProcessor`` call signature ``(input_ids, scores) -> scores``
+    and works in a ``LogitsProcessorList`` (transformers calls processors by duck typing), but
+    does not subclass ``LogitsProcessor``, so that importing it does not import transformers.
 
     Args:
         mass (`float`):
             Value of ``typical_p`` in (0, 1]; ``1.0`` turns the warper off (scores returned
-            unchanged).
+            unchanged, unchecked).
         min_tokens_to_keep (`int`, *optional*, defaults to 1):
-            Minimum number of tokens kept (ties at that rank are kept too).
+            Minimum number of tokens kept, >= 1.
         filter_value (`float`, *optional*, defaults to -inf):
-            Value given to the filtered scores.
+            Value given to the filtered scores; any real number but NaN.
+        check_finite (`bool`, *optional*, defaults to `True`):
+            Raise ``ValueError`` on NaN or ``+inf`` scores (on CUDA this reads one flag per
+            row back after the kernel). ``False``: no read-back; such rows come back all-NaN.
 
-    Scores may be float16/bfloat16/float32/float64 (the selection runs in float32, the output
-    keeps the input dtype). NaN or +inf scores raise ``ValueError``; rows that are entirely
-    ``-inf`` are returned unchanged.
+    Scores (``(batch, vocab)`` or ``(vocab,)``) may be float16/bfloat16/float32/float64 (the
+    selection runs in float32, the output keeps the input dtype). Rows that are entirely
+    ``-inf`` are returned unchanged. ``input_ids`` is ignored (may be None).
 
     Example:
 
@@ -88,31 +100,50 @@ class LocallyTypicalWarper(LogitsProcessor):
     ``do_sample=True`` instead of ``typical_p`` (it then runs after transformers' warpers).
     """
 
-    def __init__(self, mass: float, min_tokens_to_keep: int = 1, filter_value: float = -math.inf) -> None:
+    def __init__(
+        self,
+        mass: float,
+        min_tokens_to_keep: int = 1,
+        filter_value: float = -math.inf,
+        check_finite: bool = True,
+    ) -> None:
         self.mass = validate_mass(mass)
         self.min_tokens_to_keep = validate_min_tokens_to_keep(min_tokens_to_keep)
-        if (
-            isinstance(filter_value, bool)
-            or not isinstance(filter_value, (int, float))
-            or math.isnan(filter_value)
-        ):
-            raise ValueError(f"`filter_value` must be a float (usually -inf), got {filter_value!r}.")
-        self.filter_value = float(filter_value)
+        self.filter_value = validate_filter_value(filter_value)
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"`check_finite` must be a bool, got {type(check_finite).__name__}.")
+        self.check_finite = check_finite
 
     def __call__(self, input_ids: torch.LongTensor | None, scores: torch.FloatTensor) -> torch.FloatTensor:
-        return typical_filter(scores, self.mass, self.min_tokens_to_keep, self.filter_value)
+        return typical_filter(
+            scores, self.mass, self.min_tokens_to_keep, self.filter_value, check_finite=self.check_finite
+        )
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(mass={self.mass}, min_tokens_to_keep={self.min_tokens_to_keep}, "
-            f"filter_value={self.filter_value})"
+            f"filter_value={self.filter_value}, check_finite={self.check_finite})"
         )
 
 
 def boundary_flip_rates(
     vocab_sizes: tuple[int, ...] = (32_000, 128_000, 256_000), rows: int = 1000, seed: int = 0
 ) -> dict[str, dict[int, float]]:
-    """Share of rows where transformers' float32 boundary differs from the exact one."""
+    """Share of rows where transformers' float32 boundary differs from the exact one (needs transformers).
+
+    Args:
+        vocab_sizes (`tuple[int, ...]`): vocabulary sizes to try, each >= 1.
+        rows (`int`): random rows per cell, >= 1.
+        seed (`int`): seed of the logits.
+
+    Returns:
+        `dict[str, dict[int, float]]`: per kind of logits, per vocabulary size, the share in [0, 1].
+
+    Example:
+        >>> from samplers.typical import boundary_flip_rates
+        >>> boundary_flip_rates((1000,), rows=4)["N(0, 1)"]
+        {1000: 0.0}
+    """
     from transformers.generation.logits_process import TypicalLogitsWarper
 
     from samplers.kernels.reference import typical_filter_torch

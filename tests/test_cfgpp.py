@@ -226,12 +226,13 @@ def test_low_precision_inputs_stay_finite_and_keep_dtype():
     assert bool(torch.isfinite(ddim_cfgpp_step(zeros, zeros, zeros, 0.5, 0.9, 0.5)).all())
 
 
-@pytest.mark.parametrize("bad", [-0.1, 1.01, math.nan, math.inf, True])
+@pytest.mark.parametrize("bad", [-0.1, 1.01, math.nan, math.inf, True, "0.5", torch.tensor([0.5, 2.0])])
 def test_lambda_outside_unit_interval_is_rejected(bad):
     x = torch.zeros(1, 2)
-    with pytest.raises(ValueError, match="lambda"):
+    error = TypeError if isinstance(bad, (bool, str)) else ValueError
+    with pytest.raises(error, match="lambda"):
         ddim_cfgpp_step(x, x, x, 0.5, 0.9, bad)
-    with pytest.raises(ValueError, match="lambda"):
+    with pytest.raises(error, match="lambda"):
         sample_euler_cfgpp(lambda s, sigma: (s, s), x, [1.0, 0.0], bad)
 
 
@@ -241,6 +242,99 @@ def test_bad_noise_levels_and_missing_noise_are_rejected():
         euler_cfgpp_step(x, x, x, 0.0, 0.0, 0.5)
     with pytest.raises(ValueError, match="noise"):
         euler_ancestral_cfgpp_step(x, x, x, 2.0, 1.0, 0.5, noise=None)
+
+
+def test_get_ancestral_step_matches_k_diffusion_and_is_defined_everywhere():
+    from samplers.cfgpp import get_ancestral_step
+
+    for sigma_from, sigma_to, eta in ((2.0, 1.0, 1.0), (14.6, 6.0, 0.5), (1.0, 1.0, 1.0), (3.0, 0.2, 2.0)):
+        ours = get_ancestral_step(sigma_from, sigma_to, eta)
+        assert ours == pytest.approx(
+            comfy_get_ancestral_step(sigma_from, sigma_to, eta), rel=1e-12, abs=1e-15
+        )
+    assert get_ancestral_step(0, 0) == (0.0, 0.0)  # was a ZeroDivisionError
+    assert get_ancestral_step(5.0, 0.0) == (0.0, 0.0)
+    assert get_ancestral_step(2.0, 1.0, eta=0.0) == (1.0, 0.0)
+    down, up = get_ancestral_step(1e200, 1e199)  # no overflow in sigma**2
+    assert (
+        math.isfinite(down)
+        and math.isfinite(up)
+        and (down / 1e199) ** 2 + (up / 1e199) ** 2 == pytest.approx(1.0)
+    )
+
+
+@pytest.mark.parametrize(
+    "args, error, match",
+    [
+        (
+            (1.0, 2.0),
+            ValueError,
+            "`sigma_to` must be <= `sigma_from`",
+        ),  # was a TypeError about complex numbers
+        ((0.0, 1.0), ValueError, "`sigma_to` must be <= `sigma_from`"),
+        ((-1.0, -2.0), ValueError, "`sigma_from` must be a number in \\[0.0, inf\\)"),
+        ((math.nan, 0.0), ValueError, "`sigma_from`"),
+        ((1.0, math.inf), ValueError, "`sigma_to`"),
+        ((2.0, 1.0, -0.5), ValueError, "`eta` must be a number in \\[0.0, inf\\)"),
+        ((2.0, 1.0, math.nan), ValueError, "`eta`"),
+        (("2", 1.0), TypeError, "`sigma_from` must be a real number"),
+    ],
+)
+def test_get_ancestral_step_rejects_bad_levels(args, error, match):
+    from samplers.cfgpp import get_ancestral_step
+
+    with pytest.raises(error, match=match):
+        get_ancestral_step(*args)
+
+
+def test_step_arguments_are_checked_before_any_work():
+    x = torch.zeros(1, 2)
+    with pytest.raises(TypeError, match="`x` must be a torch.Tensor"):
+        euler_cfgpp_step([0.0, 0.0], x, x, 1.0, 0.5, 0.5)
+    with pytest.raises(ValueError, match="`x` and `uncond_denoised` must have the same shape"):
+        euler_cfgpp_step(x, x, torch.zeros(1, 3), 1.0, 0.5, 0.5)
+    with pytest.raises(TypeError, match="`cond_eps` must be a floating-point tensor"):
+        ddim_cfgpp_step(x, torch.zeros(1, 2, dtype=torch.long), x, 0.5, 0.9, 0.5)
+    with pytest.raises(ValueError, match="`sigma_next` must be a number in \\[0.0, inf\\)"):
+        euler_cfgpp_step(x, x, x, 1.0, math.nan, 0.5)
+    with pytest.raises(ValueError, match="`sigma` must be a number in \\[0.0, 1.0\\]"):
+        flow_euler_cfgpp_step(x, x, x, 1.5, 0.5, 0.5)
+    with pytest.raises(ValueError, match="`alpha_cumprod` must be a number in \\(0.0, 1.0\\]"):
+        ddim_cfgpp_step(x, x, x, 0.0, 0.9, 0.5)
+    with pytest.raises(ValueError, match="`s_noise` must be a number in \\[0.0, inf\\)"):
+        euler_ancestral_cfgpp_step(x, x, x, 2.0, 1.0, 0.5, noise=x, s_noise=-1.0)
+    with pytest.raises(ValueError, match="`x` and `noise` must have the same shape"):
+        euler_ancestral_cfgpp_step(x, x, x, 2.0, 1.0, 0.5, noise=torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="`sigma_to` must be <= `sigma_from`"):
+        euler_ancestral_cfgpp_step(x, x, x, 1.0, 2.0, 0.5, noise=x)  # an ancestral step never adds noise
+    with pytest.raises(ValueError, match=r"`sigmas\[1\]` must be a number"):
+        sample_euler_cfgpp(lambda s, sigma: (s, s), x, [1.0, math.nan, 0.0], 0.5)
+    with pytest.raises(TypeError, match="`model` must be callable"):
+        sample_euler_cfgpp(None, x, [1.0, 0.0], 0.5)
+    with pytest.raises(ValueError, match="`alphas_cumprod\\[0\\]` must be a number in \\[0.0, 1.0\\]"):
+        sample_ddim_cfgpp(lambda s, i: (s, s), x, [1.5, 1.0], 0.5)
+
+
+def test_scale_tensor_on_the_step_path_is_checked_on_cpu_and_lambda_one_takes_cond():
+    x, c, u = torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3)
+    with pytest.raises(ValueError, match="lambda"):
+        euler_cfgpp_step(x, c, u, 2.0, 1.0, torch.tensor([0.5, 1.5])[:, None])
+    per_sample = euler_cfgpp_step(x, c, u, 2.0, 0.0, torch.tensor([[1.0], [0.0]]))
+    assert torch.equal(per_sample[0], c[0]) and torch.equal(per_sample[1], u[1])
+
+
+def test_ancestral_loop_with_a_generator_is_reproducible_and_leaves_the_global_rng_alone():
+    shape = (2, 3)
+    model = toy_denoiser(shape)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    state = torch.get_rng_state()
+    a = sample_euler_ancestral_cfgpp(
+        model, x, [5.0, 2.0, 0.5, 0.0], 0.5, generator=torch.Generator().manual_seed(1)
+    )
+    b = sample_euler_ancestral_cfgpp(
+        model, x, [5.0, 2.0, 0.5, 0.0], 0.5, generator=torch.Generator().manual_seed(1)
+    )
+    assert torch.equal(a, b) and torch.equal(torch.get_rng_state(), state)
 
 
 # ---------------------------------------------------------------- diffusers integration

@@ -11,7 +11,7 @@ from transformers.generation.logits_process import TypicalLogitsWarper
 
 from guidance.ops import cfg_log_probs
 from samplers.kernels import cfg_typical_sample, typical_filter
-from samplers.kernels.reference import row_uniforms, splitmix64, typical_filter_torch
+from samplers.kernels.reference import row_uniforms, splitmix64, typical_filter_torch, typical_keep_mask
 from samplers.typical import LocallyTypicalWarper
 
 NEG_INF = -math.inf
@@ -160,6 +160,38 @@ def test_min_tokens_to_keep() -> None:
     assert ours_keep(logits, 1e-6, 5000).all()  # more than the vocabulary: everything
 
 
+def test_min_tokens_to_keep_tie_rule_on_a_near_one_hot_row() -> None:
+    """Exactly k tokens at the min_tokens_to_keep boundary, ties broken by the lower token id.
+
+    4,095 tokens tie at the second-lowest score: transformers keeps exactly 3 (the peak and two
+    of the tied tokens, whichever its sort puts first); so do we, the two with the lowest ids.
+    """
+    row = torch.zeros(1, 4096)
+    row[0, 1000] = 30.0
+    ours, theirs = ours_keep(row, 0.9, 3)[0], transformers_keep(row, 0.9, 3)[0]
+    assert ours.nonzero().flatten().tolist() == [0, 1, 1000]
+    assert int(theirs.sum()) == 3 and bool(theirs[1000])
+    assert int(ours_keep(row, 0.9, 1).sum()) == 1 == int(transformers_keep(row, 0.9, 1).sum())
+    # the floor counts masked tokens too (their score is +inf), as transformers does
+    masked = torch.full((1, 6), NEG_INF)
+    masked[0, 4] = 0.0
+    assert typical_keep_mask(masked, 0.5, 3)[0][0].nonzero().flatten().tolist() == [0, 1, 4]
+    out = LocallyTypicalWarper(0.5, 3, filter_value=-50.0)(None, masked)
+    theirs_out = TypicalLogitsWarper(0.5, min_tokens_to_keep=3, filter_value=-50.0)(None, masked)
+    assert torch.equal(out.sort().values, theirs_out.sort().values)
+
+
+def test_ties_above_the_floor_are_all_kept() -> None:
+    """When the mass set already holds k tokens, the mass rule decides: its ties are all kept."""
+    logits = torch.log(torch.tensor([[0.4, 0.2, 0.2, 0.1, 0.1]]))
+    for keep_at_least in (1, 2):
+        keep = ours_keep(logits, 0.25, keep_at_least)
+        assert keep[0].tolist() == [False, True, True, False, False]
+        assert torch.equal(keep, transformers_keep(logits, 0.25, keep_at_least))
+    assert ours_keep(logits, 0.25, 3)[0].tolist() == [True, True, True, False, False]
+    assert ours_keep(logits, 0.25, 4)[0].tolist() == [True, True, True, True, False]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_low_and_high_precision_inputs(dtype: torch.dtype) -> None:
     logits = _randn(4, 5000, seed=5, scale=2.0).to(dtype)
@@ -179,13 +211,19 @@ def test_mass_one_is_off_and_filter_value_is_used() -> None:
     assert torch.equal(out, theirs)
 
 
-def test_all_inf_rows_are_returned_unchanged() -> None:
+@pytest.mark.parametrize("filter_value", [NEG_INF, -100.0])
+@pytest.mark.parametrize("keep_at_least", [1, 3])
+def test_all_inf_rows_are_returned_unchanged(filter_value: float, keep_at_least: int) -> None:
     logits = _randn(3, 50, seed=8)
     logits[1] = NEG_INF
-    out = LocallyTypicalWarper(0.9)(None, logits)
+    warper = LocallyTypicalWarper(0.9, keep_at_least, filter_value)
+    out = warper(None, logits)
     assert torch.isneginf(out[1]).all()
-    assert torch.equal(out[[0, 2]], LocallyTypicalWarper(0.9)(None, logits[[0, 2]]))
+    assert torch.equal(out[[0, 2]], warper(None, logits[[0, 2]]))
+    assert torch.isneginf(warper(None, logits[1])).all()  # (vocab,) path
     assert not torch.isnan(out).any()
+    theirs = TypicalLogitsWarper(0.9, min_tokens_to_keep=keep_at_least, filter_value=filter_value)
+    assert torch.equal(out[1], theirs(None, logits)[1])  # transformers leaves it alone too
 
 
 def test_one_dimensional_scores() -> None:
@@ -212,19 +250,37 @@ def test_warper_in_generate_matches_typical_p() -> None:
 # --------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("mass", [0.0, -0.1, 1.5, math.nan, math.inf, True, "0.9"])
-def test_bad_mass(mass: object) -> None:
-    with pytest.raises(ValueError, match=r"`mass` \(typical_p\) must be a float in \(0, 1\]"):
+@pytest.mark.parametrize("mass", [0.0, -0.1, 1.5, math.nan, math.inf])
+def test_bad_mass(mass: float) -> None:
+    with pytest.raises(ValueError, match=r"`mass` must be a number in \(0.0, 1.0\]"):
+        LocallyTypicalWarper(mass)
+    with pytest.raises(ValueError, match="`mass`"):
+        typical_filter(torch.zeros(1, 4), mass)
+
+
+@pytest.mark.parametrize("mass", [True, "0.9", None])
+def test_mass_of_the_wrong_type(mass: object) -> None:
+    with pytest.raises(TypeError, match="`mass` must be a real number"):
         LocallyTypicalWarper(mass)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="mass"):
-        typical_filter(torch.zeros(1, 4), mass)  # type: ignore[arg-type]
 
 
 def test_bad_min_tokens_and_filter_value() -> None:
-    with pytest.raises(ValueError, match="min_tokens_to_keep"):
+    with pytest.raises(ValueError, match="`min_tokens_to_keep` must be an integer in \\[1, inf\\]"):
         LocallyTypicalWarper(0.9, min_tokens_to_keep=0)
+    with pytest.raises(TypeError, match="min_tokens_to_keep"):
+        LocallyTypicalWarper(0.9, min_tokens_to_keep=2.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="filter_value"):
         LocallyTypicalWarper(0.9, filter_value=math.nan)
+    with pytest.raises(TypeError, match="check_finite"):
+        LocallyTypicalWarper(0.9, check_finite="yes")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`scores` must be a torch.Tensor"):
+        LocallyTypicalWarper(0.9)(None, [[0.0, 1.0]])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`scores` must be a floating-point tensor"):
+        LocallyTypicalWarper(0.9)(None, torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"`scores` must have shape \(batch, vocab\) or \(vocab,\)"):
+        LocallyTypicalWarper(0.9)(None, torch.zeros(1, 2, 3))
+    with pytest.raises(ValueError, match="vocab >= 1"):
+        LocallyTypicalWarper(0.9)(None, torch.zeros(2, 0))
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
@@ -233,8 +289,24 @@ def test_nan_or_inf_logits_raise(bad: float) -> None:
     logits[1, 3] = bad
     with pytest.raises(ValueError, match=r"NaN or \+inf logits in rows \[1\]"):
         LocallyTypicalWarper(0.9)(None, logits)
-    with pytest.raises(ValueError, match=r"NaN or \+inf"):
+    with pytest.raises(ValueError, match=r"`cond_logits` contains NaN or \+inf"):
         cfg_typical_sample(logits, torch.zeros_like(logits), 1.5, 0.9, seed=0)
+    with pytest.raises(ValueError, match=r"`uncond_logits` contains NaN or \+inf"):
+        cfg_typical_sample(torch.zeros_like(logits), logits, 1.5, 0.9, seed=0)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_unchecked_nan_or_inf_rows_come_back_marked(bad: float) -> None:
+    """check_finite=False: no read-back; a bad row is all-NaN (filter) or token -1 (sampler)."""
+    logits = _randn(3, 20, seed=10)
+    logits[1, 3] = bad
+    out = LocallyTypicalWarper(0.9, check_finite=False)(None, logits)
+    assert torch.isnan(out[1]).all() and not torch.isnan(out[[0, 2]]).any()
+    assert torch.equal(out[[0, 2]], typical_filter(logits[[0, 2]], 0.9))
+    tokens = cfg_typical_sample(logits, torch.zeros_like(logits), 1.5, 0.9, seed=0, check_finite=False)
+    assert tokens[1] == -1 and (tokens[[0, 2]] >= 0).all()
+    checked = cfg_typical_sample(logits[[0, 2]], torch.zeros(2, 20), 1.5, 0.9, seed=torch.tensor([0, 2]))
+    assert torch.equal(tokens[[0, 2]], checked)
 
 
 def test_sampling_an_all_inf_row_raises() -> None:
@@ -242,22 +314,52 @@ def test_sampling_an_all_inf_row_raises() -> None:
     uncond = _randn(2, 20, seed=12)
     cond[0, :10] = NEG_INF
     uncond[0, 10:] = NEG_INF  # guided row 0: every token masked in one branch
-    with pytest.raises(ValueError, match=r"Rows \[0\] of the guided logits are entirely -inf"):
+    with pytest.raises(ValueError, match=r"Rows \[0\] of the guided logits have no token to sample"):
         cfg_typical_sample(cond, uncond, 2.0, 0.9, seed=0)
+    tokens = cfg_typical_sample(cond, uncond, 2.0, 0.9, seed=0, check_finite=False)
+    assert tokens[0] == -1 and tokens[1] >= 0
+    dead = torch.full((1, 20), NEG_INF)
+    with pytest.raises(ValueError, match="no token to sample"):
+        cfg_typical_sample(dead, None, 1.0, 0.9, seed=0)
+    with pytest.raises(ValueError, match="no token to sample"):
+        cfg_typical_sample(torch.zeros(1, 20), dead, 0.0, 0.9, seed=0)  # scale 0: uncond only
+    assert cfg_typical_sample(torch.zeros(1, 20), dead, 1.0, 0.9, seed=0) >= 0  # scale 1: cond only
 
 
 def test_bad_sampling_arguments() -> None:
     logits = torch.zeros(2, 5)
-    with pytest.raises(ValueError, match="temperature"):
+    with pytest.raises(ValueError, match="`temperature` must be a number in \\[1e-05, inf\\)"):
         cfg_typical_sample(logits, None, 1.0, 0.9, temperature=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        cfg_typical_sample(logits, None, 1.0, 0.9, temperature=math.inf)
     with pytest.raises(ValueError, match="either `seed` or `generator`"):
         cfg_typical_sample(logits, None, 1.0, 0.9, seed=1, generator=torch.Generator())
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(ValueError, match="`seed` must be an integer in \\[0, "):
         cfg_typical_sample(logits, None, 1.0, 0.9, seed=-1)
-    with pytest.raises(ValueError, match="guidance_scale|scale"):
+    with pytest.raises(TypeError, match="`seed`"):
+        cfg_typical_sample(logits, None, 1.0, 0.9, seed=1.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`seed` as a tensor must hold integers"):
+        cfg_typical_sample(logits, None, 1.0, 0.9, seed=torch.zeros(2))
+    with pytest.raises(ValueError, match=r"`seed` as a tensor must have shape \(2,\)"):
+        cfg_typical_sample(logits, None, 1.0, 0.9, seed=torch.arange(3))
+    with pytest.raises(TypeError, match="`generator` must be a torch.Generator"):
+        cfg_typical_sample(logits, None, 1.0, 0.9, generator=0)  # type: ignore[arg-type]
+    with pytest.raises(
+        ValueError, match=r"`scale` must be a number in \[-3.4028234663852886e\+38, 3.4028234663852886e\+38\]"
+    ):
         cfg_typical_sample(logits, logits, math.nan, 0.9)
-    with pytest.raises(ValueError, match="uncond_logits"):
+    with pytest.raises(ValueError, match="`scale` must be finite"):
+        cfg_typical_sample(logits, logits, torch.tensor([1.0, math.inf]), 0.9)
+    with pytest.raises(
+        ValueError, match=r"`scale` must be a number or a tensor of shape \(\), \(1,\) or \(2,\)"
+    ):
+        cfg_typical_sample(logits, logits, torch.ones(3), 0.9)
+    with pytest.raises(ValueError, match="`cond_logits` and `uncond_logits` must have the same shape"):
         cfg_typical_sample(logits, torch.zeros(2, 6), 1.5, 0.9)
+    with pytest.raises(ValueError, match=r"`cond_logits` must have shape \(batch, vocab\)"):
+        cfg_typical_sample(torch.zeros(5), None, 1.0, 0.9)
+    with pytest.raises(ValueError, match="min_tokens_to_keep"):
+        cfg_typical_sample(logits, None, 1.0, 0.9, min_tokens_to_keep=0)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -342,3 +444,77 @@ def test_mass_one_samples_the_full_distribution() -> None:
     tokens = cfg_typical_sample(logits.expand(8000, 4), None, 1.0, 1.0, seed=0)
     counts = torch.bincount(tokens, minlength=4).double()
     assert _chi_square_p_value(counts, logits.exp().double()) > 1e-3
+
+
+# --------------------------------------------------------------------------- fused warpers
+
+
+def test_fused_warpers_supported_recognises_what_the_kernel_fuses() -> None:
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from samplers.kernels import FusedSampling, fused_warpers_supported
+
+    both = LogitsProcessorList([TemperatureLogitsWarper(0.7), TypicalLogitsWarper(0.9, min_tokens_to_keep=2)])
+    assert fused_warpers_supported(both) == FusedSampling(temperature=0.7, mass=0.9, min_tokens_to_keep=2)
+    assert fused_warpers_supported([LocallyTypicalWarper(0.5)]) == FusedSampling(mass=0.5)
+    assert fused_warpers_supported([TemperatureLogitsWarper(1.3)]) == FusedSampling(temperature=1.3)
+    assert fused_warpers_supported([]) == FusedSampling()
+    for not_fused in (
+        [TopKLogitsWarper(50)],
+        [TemperatureLogitsWarper(0.7), TopPLogitsWarper(0.9)],
+        [TypicalLogitsWarper(0.9), TemperatureLogitsWarper(0.7)],  # temperature after the filter
+        [LocallyTypicalWarper(0.9), LocallyTypicalWarper(0.8)],
+        [LocallyTypicalWarper(0.9, filter_value=-100.0)],  # filtered tokens keep some probability
+        [lambda input_ids, scores: scores],
+    ):
+        assert fused_warpers_supported(not_fused) is None, not_fused
+
+
+def test_fused_sampling_is_the_warpers_then_a_draw() -> None:
+    """Same kept set as temperature + typical warpers, same tokens as cfg_typical_sample for a seed."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper
+
+    from samplers.kernels import FusedSampling, fused_warpers_supported
+
+    cond, uncond = _randn(6, 300, seed=50, scale=2.0), _randn(6, 300, seed=51, scale=2.0)
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(0.8), LocallyTypicalWarper(0.7)])
+    step = fused_warpers_supported(warpers)
+    tokens = step.sample(cond, uncond, 2.0, seed=11)
+    assert torch.equal(tokens, cfg_typical_sample(cond, uncond, 2.0, 0.7, temperature=0.8, seed=11))
+    kept = warpers(None, cfg_log_probs(cond, uncond, 2.0)) > NEG_INF
+    assert kept.gather(1, tokens[:, None]).all()
+    generator = torch.Generator().manual_seed(3)
+    first = step.sample(cond, uncond, 2.0, generator=generator)
+    assert torch.equal(first, step.sample(cond, uncond, 2.0, generator=torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="`mass`"):
+        FusedSampling(mass=0.0)
+    with pytest.raises(ValueError, match="`temperature`"):
+        FusedSampling(temperature=0.0)
+
+
+def test_warper_merges_with_generate_own_typical_warper() -> None:
+    """generate merges a custom list with its own warpers by type: ours is kept next to transformers'."""
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    calls = []
+    warper = LocallyTypicalWarper(0.9)
+
+    class Spy:
+        def __call__(self, input_ids, scores):
+            calls.append(scores.shape)
+            return warper(input_ids, scores)
+
+    processors = LogitsProcessorList([Spy(), warper])
+    out = model.generate(
+        torch.tensor([[1, 5, 9]]), do_sample=True, typical_p=0.8, top_k=0, max_new_tokens=3,
+        logits_processor=processors,
+    )  # fmt: skip
+    assert out.shape == (1, 6) and len(calls) == 3

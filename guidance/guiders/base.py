@@ -170,7 +170,8 @@ def guide(
     def x0(pred: Tensor | None) -> Tensor | None:
         return None if pred is None else to_x0(pred, sample, prediction_type, noise_level)
 
-    if "negative" in kwargs:
-        kwargs["negative"] = x0(kwargs["negative"])
+    for name, value in extra.items():  # every extra branch (negative, perturbed, weak...) is a prediction
+        if isinstance(value, Tensor):
+            kwargs[name] = x0(value)
     guided_x0 = guider(x0(cond), x0(uncond), **kwargs)
     return from_x0(guided_x0, sample, prediction_type, noise_level)

@@ -1,6 +1,6 @@
 """Batched classifier-free guidance for transformers ``generate``.
 
-``cfg_generate`` is a ``custom_generate`` callable (transformers >= 5)::
+``cfg_generate`` is a ``custom_generate`` callable::
 
     from guidance import cfg_generate
     out = model.generate(**inputs, guidance_scale=1.5, negative_prompt_ids=neg_ids,
@@ -8,43 +8,135 @@
 
 transformers' own CFG (``UnbatchedClassifierFreeGuidanceLogitsProcessor``) runs the
 unconditional context as a second, sequential forward per token. Here the conditional and
-unconditional rows share ONE forward per step: one ``2B`` batch and one KV cache, with left
-padding, attention masks and position ids that keep every row's positions right. When the
-guidance schedule is off (scale 1) for all remaining tokens, the unconditional rows are
-dropped from the batch and the cache, so their cost stops too.
+unconditional rows share ONE forward per step (:class:`guidance.lm.two_branch.TwoBranchForward`):
+one ``2B`` batch and one KV cache, with left padding, attention masks and position ids that
+keep every row's positions right. When the guidance schedule is off (scale 1) for all
+remaining tokens, the unconditional rows leave the batch and the cache.
 
-The guided next-token scores use the log-prob form of Sanchez et al. (``cfg_form="log_probs"``,
-the same numbers as transformers) or the raw-logit form (``cfg_form="logits"``); the
-generation config's processors and warpers (repetition penalty, temperature, top-k/p, min-p,
-typical, ...) then act on the guided scores, as in transformers.
+The decoding loops (here for greedy search and sampling, :mod:`guidance.lm.beams` for beam
+search) call only the model's public ``forward``, the ``DynamicCache`` API, the generation
+config's logits processors and stopping criteria, and return transformers' public output
+classes. With guidance off, ``generate``'s own decoding runs instead
+(:func:`guidance.lm.compat.run_transformers_decoding`), so the output is transformers' bit for bit.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import LongTensor, Tensor
-from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
-from transformers.generation.configuration_utils import GenerationMode
-from transformers.generation.logits_process import (
-    TypicalLogitsWarper,
-    UnbatchedClassifierFreeGuidanceLogitsProcessor,
-)
-from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
+from transformers.generation.logits_process import TypicalLogitsWarper
 
 from guidance import ops
+from guidance.lm import compat
 from guidance.lm.batching import build_guided_batch, expand_negative_prompt
+from guidance.lm.beams import cfg_beam_search
 from guidance.lm.sampling import sample_with_generator
+from guidance.lm.two_branch import OutputRecord, TwoBranchForward
 from guidance.schedules import Constant, Schedule, as_schedule
 
 __all__ = ["cfg_generate", "CFG_FORMS"]
 
 CFG_FORMS = ("log_probs", "logits")
-_SUPPORTED_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
+_MODES = {"greedy_search": "greedy", "sample": "sample", "beam_search": "beam", "beam_sample": "beam"}
+# Keyword arguments generate prepares for the model that the two-branch batch rebuilds itself.
+_REBUILT = ("attention_mask", "position_ids", "cache", "past_key_values", "cache_position", "use_cache")
+
+
+@torch.no_grad()
+def cfg_generate(
+    model: Any,
+    input_ids: LongTensor,
+    logits_processor: LogitsProcessorList,
+    stopping_criteria: StoppingCriteriaList,
+    generation_config: GenerationConfig,
+    guidance_schedule: Schedule | Callable[..., float] | float | None = None,
+    cfg_form: str = "log_probs",
+    cfg_negative_prompt_ids: Tensor | None = None,
+    cfg_negative_prompt_attention_mask: Tensor | None = None,
+    cfg_streamer: Any = None,
+    generator: torch.Generator | None = None,
+    **model_kwargs: Any,
+) -> GenerateDecoderOnlyOutput | GenerateBeamDecoderOnlyOutput | LongTensor:
+    """Classifier-free guidance decoding with one batched forward per token.
+
+    Pass it to ``generate`` as ``custom_generate=cfg_generate``; every usual ``generate``
+    argument keeps its meaning, except ``streamer`` (see ``cfg_streamer``). Guidance settings:
+
+    - ``guidance_scale`` (generation config; `float`, finite): ``w`` in ``u + w (c - u)``;
+      1 is off, ``0 < w < 1`` with a negative prompt moves towards it.
+    - ``negative_prompt_ids`` / ``negative_prompt_attention_mask`` (`LongTensor` of shape
+      ``(1 | batch | batch * num_return_sequences, length)``, left-padded): the unconditional
+      context. Default: the last prompt token (Sanchez et al., transformers). transformers
+      hands them to ``cfg_generate`` only together with a ``guidance_scale`` other than 1.
+    - ``guidance_schedule``: a :mod:`guidance.schedules` schedule (or a callable
+      ``(step, num_steps) -> scale``) over generated tokens, instead of ``guidance_scale``;
+      ``num_steps`` is ``max_new_tokens``.
+    - ``cfg_form`` (`str`): ``"log_probs"`` (default; transformers' numbers) or ``"logits"``.
+    - ``cfg_negative_prompt_ids`` / ``cfg_negative_prompt_attention_mask``: the same as
+      ``negative_prompt_ids``, but they always reach ``cfg_generate`` (needed with a
+      ``guidance_schedule``: transformers drops ``negative_prompt_ids`` when ``guidance_scale``
+      is unset or 1). Passing both forms raises.
+    - ``cfg_streamer``: a streamer (``put``/``end``, e.g. ``TextIteratorStreamer``).
+      transformers does not pass ``streamer=`` to a callable ``custom_generate`` (the streamer
+      would receive the prompt and never end), so use this argument instead.
+    - ``generator``: a ``torch.Generator`` to sample from instead of torch's global one
+      (greedy search and sampling; see :mod:`guidance.lm.sampling`).
+
+    Supported: greedy search, sampling, beam search and beam sampling (``num_beams``,
+    ``num_return_sequences``, ``length_penalty``, ``early_stopping``; both branches' caches
+    reordered each step), batches, the generation config's processors, warpers and stopping
+    criteria, ``return_dict_in_generate`` with ``output_scores``/``output_logits`` (the
+    conditional rows' raw logits), attentions and hidden states (conditional rows). While
+    guiding, ``typical_p`` uses the exact, sort-free :class:`samplers.LocallyTypicalWarper`.
+    Not supported (``ValueError``): encoder-decoder models, ``inputs_embeds``, assisted, DoLa,
+    contrastive, group and constrained beam search, a non-empty initial cache, ``synced_gpus``.
+    With guidance off (scale 1 and no schedule, or a schedule that is 1 everywhere) this is
+    exactly transformers' own decoding.
+
+    Example:
+        >>> import torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> from guidance import cfg_generate
+        >>> _ = torch.manual_seed(0)
+        >>> lm = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, pad_token_id=0)).eval()
+        >>> prompt = torch.tensor([[3, 5, 7]])
+        >>> out = lm.generate(prompt, attention_mask=torch.ones_like(prompt), guidance_scale=1.5,
+        ...                   max_new_tokens=4, custom_generate=cfg_generate)
+        >>> out.shape
+        torch.Size([1, 7])
+    """
+    streamer = _pick_streamer(model_kwargs.pop("streamer", None), cfg_streamer)
+    mode = _validate(model, generation_config, model_kwargs, cfg_form, streamer)
+    logits_processor, scale, negative_ids, negative_mask = _take_transformers_cfg(logits_processor)
+    if generator is not None and mode == "beam":
+        raise ValueError("`generator` is supported with greedy search and sampling, not with beam search.")
+    logits_processor, generation_config = sample_with_generator(generator, logits_processor, generation_config)
+    if cfg_negative_prompt_ids is not None:
+        if negative_ids is not None:
+            raise ValueError("Pass either `negative_prompt_ids` or `cfg_negative_prompt_ids`, not both.")
+        negative_ids, negative_mask = cfg_negative_prompt_ids, cfg_negative_prompt_attention_mask
+    scales = _scales(_schedule(scale, guidance_schedule), int(generation_config.max_length) - input_ids.shape[1])
+    guided = any(value != 1.0 for value in scales)
+    if guided:  # builds (and validates) the two-branch batch before any output
+        forward = _two_branch_forward(model, input_ids, generation_config, negative_ids, negative_mask, model_kwargs)
+    if cfg_streamer is not None:
+        cfg_streamer.put(input_ids.cpu())  # what generate does for its own `streamer`
+    if not guided:
+        return compat.run_transformers_decoding(
+            model, mode, input_ids, logits_processor, stopping_criteria, generation_config, streamer, **model_kwargs
+        )
+    processors = _use_sort_free_typical(logits_processor)
+    combine = _combine_fn(cfg_form)
+    if mode == "beam":
+        return cfg_beam_search(forward, input_ids, processors, stopping_criteria, generation_config, scales, combine)
+    return _guided_sample(forward, input_ids, processors, stopping_criteria, generation_config, streamer, scales, combine)
 
 
 def _combine_fn(cfg_form: str) -> Callable[[Tensor, Tensor, float], Tensor]:
@@ -55,25 +147,10 @@ def _combine_fn(cfg_form: str) -> Callable[[Tensor, Tensor, float], Tensor]:
     return cfg_log_softmax
 
 
-def _generate_call_locals(model: Any) -> dict[str, Any]:
-    """Arguments of the ``model.generate`` call that invoked us.
-
-    transformers hands a callable ``custom_generate`` neither the ``streamer`` nor the raw
-    ``negative_prompt_ids`` (it keeps only keyword arguments unknown to ``_sample``), so
-    we read them from the calling ``generate`` frame. Empty if called some other way.
-    """
-    frame = inspect.currentframe()
-    try:
-        frame = frame.f_back if frame is not None else None
-        for _ in range(8):
-            if frame is None:
-                break
-            if frame.f_code.co_name == "generate" and frame.f_locals.get("self") is model:
-                return dict(frame.f_locals)
-            frame = frame.f_back
-    finally:
-        del frame
-    return {}
+def _pick_streamer(passed: Any, cfg_streamer: Any) -> Any:
+    if passed is not None and cfg_streamer is not None:
+        raise ValueError("Pass either `streamer` or `cfg_streamer`, not both.")
+    return cfg_streamer if cfg_streamer is not None else passed
 
 
 def _take_transformers_cfg(
@@ -83,12 +160,11 @@ def _take_transformers_cfg(
     kept = LogitsProcessorList()
     scale = negative_ids = negative_mask = None
     for processor in logits_processor:
-        if isinstance(processor, UnbatchedClassifierFreeGuidanceLogitsProcessor):
-            scale = float(processor.guidance_scale)
-            negative_ids = processor.unconditional_context["input_ids"]
-            negative_mask = processor.unconditional_context["attention_mask"]
-        else:
+        settings = compat.transformers_cfg_settings(processor)
+        if settings is None:
             kept.append(processor)
+        else:
+            scale, negative_ids, negative_mask = settings
     return kept, scale, negative_ids, negative_mask
 
 
@@ -107,252 +183,150 @@ def _use_sort_free_typical(logits_processor: LogitsProcessorList) -> LogitsProce
     )
 
 
-def _validate(model: Any, generation_config: GenerationConfig, model_kwargs: dict[str, Any], cfg_form: str) -> None:
+def _validate(
+    model: Any, generation_config: GenerationConfig, model_kwargs: dict[str, Any], cfg_form: str, streamer: Any
+) -> str:
+    """Reject what cfg_generate cannot do, before any work; return the decoding mode."""
     if getattr(model.config, "is_encoder_decoder", False):
         raise ValueError(
             "cfg_generate supports decoder-only (causal) language models; this model is encoder-decoder. "
             "Use transformers' `guidance_scale` for it."
         )
-    mode = generation_config.get_generation_mode()
-    if mode not in _SUPPORTED_MODES:
+    mode = _MODES.get(generation_config.get_generation_mode().value)
+    if mode is None:
         raise ValueError(
-            f"cfg_generate supports greedy search and sampling (num_beams=1), got generation mode {mode.value!r}. "
-            "Beam search with CFG is not supported yet: set `num_beams=1`."
+            "cfg_generate supports greedy search, sampling, beam search and beam sampling; got generation mode "
+            f"{generation_config.get_generation_mode().value!r} (assisted, DoLa, contrastive, group and "
+            "constrained beam search are not supported)."
         )
-    if model_kwargs.get("inputs_embeds") is not None:
-        raise ValueError("cfg_generate needs `input_ids`; `inputs_embeds` is not supported.")
+    if mode == "beam" and streamer is not None:
+        raise ValueError("Streamers are not supported with beam search (num_beams > 1), as in transformers.")
     if cfg_form not in CFG_FORMS:
         raise ValueError(f"`cfg_form` must be one of {CFG_FORMS}, got {cfg_form!r}.")
+    if model_kwargs.pop("synced_gpus", False):
+        raise ValueError("cfg_generate does not support `synced_gpus`.")
+    if model_kwargs.get("inputs_embeds") is not None:
+        raise ValueError("cfg_generate needs `input_ids`; `inputs_embeds` is not supported.")
+    for key in ("cache", "past_key_values"):
+        cache = model_kwargs.get(key)
+        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+            raise ValueError(f"cfg_generate starts from an empty cache; the `{key}` passed already holds tokens.")
+    return mode
+
+
+def _schedule(scale: float | None, guidance_schedule: Any) -> Schedule:
+    if guidance_schedule is not None:
+        if scale is not None:
+            raise ValueError("Pass either `guidance_scale` or `guidance_schedule`, not both.")
+        return as_schedule(guidance_schedule)
+    scale = 1.0 if scale is None else scale
+    ops.validate_scale(scale, "guidance_scale")
+    return Constant(scale)
 
 
 def _scales(schedule: Schedule, num_steps: int) -> list[float]:
-    scales = [float(schedule(step, num_steps, None)) for step in range(num_steps)]
+    scales = [float(schedule(step, num_steps, None)) for step in range(max(num_steps, 0))]
     for step, scale in enumerate(scales):
         if not math.isfinite(scale):
             raise ValueError(f"`guidance_schedule` must return finite scales; step {step} gave {scale}.")
     return scales
 
 
-def _cond_half(value: Any, rows: int) -> Any:
-    """Keep the conditional rows of a (nested tuple of) batched tensor(s)."""
-    if isinstance(value, Tensor):
-        return value[:rows]
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        return type(value)(_cond_half(item, rows) for item in value)
-    return value
+def _pad_value(generation_config: GenerationConfig) -> int | None:
+    """The token appended to finished rows: ``pad_token_id``, else the first ``eos_token_id`` (as generate)."""
+    for value in (generation_config.pad_token_id, generation_config.eos_token_id):
+        if isinstance(value, Tensor):
+            value = value.reshape(-1).tolist()
+        if isinstance(value, Sequence):
+            value = value[0] if len(value) else None
+        if value is not None:
+            return int(value)
+    return None
 
 
-@torch.no_grad()
-def cfg_generate(
+def _two_branch_forward(
     model: Any,
     input_ids: LongTensor,
-    logits_processor: LogitsProcessorList,
-    stopping_criteria: StoppingCriteriaList,
     generation_config: GenerationConfig,
-    synced_gpus: bool = False,
-    streamer: Any = None,
-    guidance_schedule: Schedule | Callable[..., float] | float | None = None,
-    cfg_form: str = "log_probs",
-    generator: torch.Generator | None = None,
-    **model_kwargs: Any,
-) -> GenerateDecoderOnlyOutput | LongTensor:
-    """Classifier-free guidance decoding with one batched forward per token.
-
-    Pass it to ``generate`` as ``custom_generate=cfg_generate``; every usual ``generate``
-    argument keeps its meaning. Guidance settings:
-
-    - ``guidance_scale`` (generation config): ``w`` in ``u + w (c - u)``; 1 is off,
-      ``0 < w < 1`` with a negative prompt moves towards it.
-    - ``negative_prompt_ids`` / ``negative_prompt_attention_mask``: the unconditional
-      context, left-padded; one row for all prompts, one per prompt, or one per returned
-      sequence. Default: the last prompt token (Sanchez et al., transformers).
-    - ``guidance_schedule``: a :mod:`guidance.schedules` schedule (or a callable
-      ``(step, num_steps) -> scale``) over generated tokens, instead of ``guidance_scale``.
-      ``num_steps`` is ``max_new_tokens``.
-    - ``cfg_form``: ``"log_probs"`` (default; transformers' numbers) or ``"logits"``.
-    - ``generator``: a ``torch.Generator`` to sample from instead of torch's global one
-      (see :mod:`guidance.lm.sampling`).
-
-    While guiding, the combine runs through :func:`samplers.kernels.cfg_log_softmax` (a fused
-    Triton kernel on CUDA) and ``typical_p`` uses the exact, sort-free
-    :class:`samplers.LocallyTypicalWarper` instead of transformers' sorting warper.
-
-    Supported: greedy and sampling, batches, ``num_return_sequences``, the generation
-    config's processors, warpers and stopping criteria, streamers, ``return_dict_in_generate``
-    with ``output_scores``/``output_logits`` (the conditional rows). Beam search is rejected.
-    With guidance off (scale 1 and no schedule) this is exactly transformers' own decoding.
-
-    Example:
-        >>> from transformers import AutoModelForCausalLM, AutoTokenizer  # doctest: +SKIP
-        >>> from guidance import cfg_generate  # doctest: +SKIP
-        >>> inputs = tokenizer(["Today a dragon flew over Paris"], return_tensors="pt")  # doctest: +SKIP
-        >>> out = model.generate(**inputs, guidance_scale=1.5, max_new_tokens=20,
-        ...                      custom_generate=cfg_generate)  # doctest: +SKIP
-    """
-    caller = _generate_call_locals(model)
-    if streamer is None:
-        streamer = caller.get("streamer")
-    logits_processor, processor_scale, negative_ids, negative_mask = _take_transformers_cfg(logits_processor)
-    if negative_ids is None and caller.get("negative_prompt_ids") is not None:
-        negative_ids = caller["negative_prompt_ids"]
-        negative_mask = caller.get("negative_prompt_attention_mask")
-
-    _validate(model, generation_config, model_kwargs, cfg_form)
-    logits_processor, generation_config = sample_with_generator(generator, logits_processor, generation_config)
-    if guidance_schedule is not None:
-        if processor_scale is not None:
-            raise ValueError("Pass either `guidance_scale` or `guidance_schedule`, not both.")
-        schedule = as_schedule(guidance_schedule)
-    else:
-        scale = 1.0 if processor_scale is None else processor_scale
-        ops.validate_scale(scale, "guidance_scale")
-        schedule = Constant(scale)
-
+    negative_ids: Tensor | None,
+    negative_mask: Tensor | None,
+    model_kwargs: dict[str, Any],
+) -> TwoBranchForward:
     rows = input_ids.shape[0]
-    num_return_sequences = max(1, generation_config.num_return_sequences or 1)
     if negative_ids is not None:
+        num_prompts = _num_prompts(rows, generation_config)
         negative_ids, negative_mask = expand_negative_prompt(
             negative_ids.to(input_ids.device),
             None if negative_mask is None else negative_mask.to(input_ids.device),
-            rows // num_return_sequences,
-            num_return_sequences,
+            num_prompts,
+            rows // num_prompts,
         )
-    num_steps = max(int(generation_config.max_length) - input_ids.shape[1], 0)
-    scales = _scales(schedule, num_steps)
-    if all(scale == 1.0 for scale in scales):
-        # Guidance off: exactly transformers' own decoding loop.
-        return GenerationMixin._sample(
-            model,
-            input_ids,
-            logits_processor=logits_processor,
-            stopping_criteria=stopping_criteria,
-            generation_config=generation_config,
-            synced_gpus=synced_gpus,
-            streamer=streamer,
-            **model_kwargs,
-        )
-    return _guided_loop(
-        model,
-        input_ids,
-        _use_sort_free_typical(logits_processor),
-        stopping_criteria,
-        generation_config,
-        streamer,
-        scales,
-        negative_ids,
-        negative_mask,
-        _combine_fn(cfg_form),
-        model_kwargs,
+    pad = _pad_value(generation_config)
+    batch = build_guided_batch(
+        input_ids, model_kwargs.get("attention_mask"), negative_ids, negative_mask, 0 if pad is None else pad
     )
+    extra = {k: v for k, v in model_kwargs.items() if k not in _REBUILT and v is not None}
+    for key, value in extra.items():
+        if isinstance(value, Tensor):
+            raise ValueError(f"cfg_generate cannot batch the model input `{key}`; only `input_ids` and "
+                             "`attention_mask` are supported.")
+    if generation_config.output_attentions:
+        extra["output_attentions"] = True
+    if generation_config.output_hidden_states:
+        extra["output_hidden_states"] = True
+    return TwoBranchForward(model, batch, extra)
 
 
-def _guided_loop(
-    model: Any,
+def _num_prompts(rows: int, generation_config: GenerationConfig) -> int:
+    expand = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+    return rows // expand
+
+
+def _guided_sample(
+    forward: TwoBranchForward,
     input_ids: LongTensor,
     logits_processor: LogitsProcessorList,
     stopping_criteria: StoppingCriteriaList,
     generation_config: GenerationConfig,
     streamer: Any,
     scales: list[float],
-    negative_ids: Tensor | None,
-    negative_mask: Tensor | None,
     combine: Callable[[Tensor, Tensor, float], Tensor],
-    model_kwargs: dict[str, Any],
 ) -> GenerateDecoderOnlyOutput | LongTensor:
-    rows = input_ids.shape[0]
-    pad_token_id = generation_config._pad_token_tensor
-    if pad_token_id is None:
-        pad_token_id = generation_config._eos_token_tensor
-    pad_value = 0 if pad_token_id is None else int(pad_token_id.reshape(-1)[0])
-    batch = build_guided_batch(input_ids, model_kwargs.get("attention_mask"), negative_ids, negative_mask, pad_value)
-
-    # Everything batch-shaped is rebuilt for the 2B rows; the cache is a fresh one for them.
-    skip = {"attention_mask", "position_ids", "past_key_values", "cache_position", "use_cache"}
-    guided_kwargs = {k: v for k, v in model_kwargs.items() if k not in skip and v is not None}
-    guided_kwargs.update(
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        past_key_values=DynamicCache(config=model.config),
-        use_cache=True,
-    )
-    sequences_2b = batch.input_ids
-
-    want_dict = generation_config.return_dict_in_generate
-    scores: tuple[Tensor, ...] | None = () if want_dict and generation_config.output_scores else None
-    raw_logits: tuple[Tensor, ...] | None = () if want_dict and generation_config.output_logits else None
-    attentions: tuple[Any, ...] | None = () if want_dict and generation_config.output_attentions else None
-    hidden_states: tuple[Any, ...] | None = () if want_dict and generation_config.output_hidden_states else None
-    has_eos_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
-    unfinished = torch.ones(rows, dtype=torch.long, device=input_ids.device)
-    last_guided_step = max(i for i, scale in enumerate(scales) if scale != 1.0)
-    guided = True
-
-    outputs = model._prefill(sequences_2b, generation_config, guided_kwargs)
-    step = 0
-    while True:
-        if step > 0:
-            model_inputs = model.prepare_inputs_for_generation(sequences_2b, next_sequence_length=1, **guided_kwargs)
-            outputs = model(**model_inputs, return_dict=True)
-        guided_kwargs = model._update_model_kwargs_for_generation(outputs, guided_kwargs)
-        logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
-        if bool(torch.isnan(logits).any()):
-            raise ValueError(f"The model produced NaN logits at generated token {step}; guidance cannot be applied.")
-        cond_logits = logits[:rows]
-        scale = scales[step] if step < len(scales) else 1.0
-        next_scores = combine(cond_logits, logits[rows:], scale) if guided else cond_logits
-        next_scores = logits_processor(input_ids, next_scores)
-
-        if want_dict:
-            if scores is not None:
-                scores += (next_scores,)
-            if raw_logits is not None:
-                raw_logits += (cond_logits,)
-            if attentions is not None:
-                attentions += (_cond_half(outputs.attentions, rows),)
-            if hidden_states is not None:
-                hidden_states += (_cond_half(outputs.hidden_states, rows),)
-
-        if generation_config.do_sample:
-            probs = torch.softmax(next_scores, dim=-1)
-            next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
-        else:
-            next_tokens = torch.argmax(next_scores, dim=-1)
-        if has_eos_criteria and pad_token_id is not None:
-            next_tokens = next_tokens * unfinished + pad_value * (1 - unfinished)
-
-        input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
-        appended = torch.cat([next_tokens, next_tokens]) if guided else next_tokens
-        sequences_2b = torch.cat([sequences_2b, appended[:, None]], dim=-1)
-        if streamer is not None:
-            streamer.put(next_tokens.cpu())
-        unfinished = unfinished & ~stopping_criteria(input_ids, scores)
+    """Greedy search or sampling on guided scores (the loop of transformers' ``_sample``, on our forward)."""
+    record = OutputRecord(forward, generation_config)
+    pad = _pad_value(generation_config)
+    finishes_rows = pad is not None and any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    last_guided = max(i for i, scale in enumerate(scales) if scale != 1.0)
+    for step in range(len(scales) + 1):
+        outputs = forward()
+        scores, cond_logits = forward.next_scores(outputs, scales[min(step, len(scales) - 1)], combine, step)
+        scores = logits_processor(input_ids, scores)
+        record.add(outputs, scores, cond_logits)
         del outputs
-        step += 1
+        if generation_config.do_sample:
+            tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            tokens = torch.argmax(scores, dim=-1)
+        if finishes_rows:
+            tokens = tokens * unfinished + pad * (1 - unfinished)
+        input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
+        if streamer is not None:
+            streamer.put(tokens.cpu())
+        unfinished = unfinished & ~stopping_criteria(input_ids, record.scores)
         if unfinished.max() == 0:
             break
-        if guided and step > last_guided_step:
-            guided = False
-            _drop_unconditional_rows(guided_kwargs, rows)
-            sequences_2b = sequences_2b[:rows]
-
+        if step >= last_guided:
+            forward.drop_unconditional()
+        forward.append(tokens)
     if streamer is not None:
         streamer.end()
-    if want_dict:
-        return GenerateDecoderOnlyOutput(
-            sequences=input_ids,
-            scores=scores,
-            logits=raw_logits,
-            attentions=attentions,
-            hidden_states=hidden_states,
-            past_key_values=None,
-        )
-    return input_ids
-
-
-def _drop_unconditional_rows(guided_kwargs: dict[str, Any], rows: int) -> None:
-    """Guidance is off for the rest of the sequence: keep only the conditional rows."""
-    keep = torch.arange(rows, device=guided_kwargs["attention_mask"].device)
-    guided_kwargs["past_key_values"].batch_select_indices(keep)
-    for key in ("attention_mask", "position_ids"):
-        if guided_kwargs.get(key) is not None:
-            guided_kwargs[key] = guided_kwargs[key][:rows]
+    if not record.want_dict:
+        return input_ids
+    return GenerateDecoderOnlyOutput(
+        sequences=input_ids,
+        scores=record.scores,
+        logits=record.logits,
+        attentions=record.attentions,
+        hidden_states=record.hidden_states,
+    )

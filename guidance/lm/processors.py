@@ -17,6 +17,7 @@ from torch import LongTensor, Tensor
 from transformers import DynamicCache, LogitsProcessor
 
 from guidance import ops
+from guidance.lm import compat
 from guidance.schedules import Schedule, as_schedule
 
 __all__ = ["CFGLogitsProcessor", "ModelUnconditionalLogits"]
@@ -92,8 +93,8 @@ class ModelUnconditionalLogits:
             input_ids=new_ids,
             attention_mask=self._mask,
             position_ids=position_ids,
-            past_key_values=self._cache,
             use_cache=True,
+            **{compat.cache_argument(self.model): self._cache},
         )
         return out.logits[:, -1].float()
 

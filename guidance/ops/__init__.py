@@ -21,8 +21,17 @@ from guidance.ops._common import Scale, validate_scale
 from guidance.ops.apg import APG_CONVENTIONS, MomentumBuffer, apg
 from guidance.ops.beta import beta_cfg
 from guidance.ops.cfg import cfg, cfg_log_probs, cfg_logits, scale_from_ho_salimans, scale_to_ho_salimans
+from guidance.ops.condition import perturb_time_embedding, random_embedding_like, random_labels_like
+from guidance.ops.fdg import collapse_pyramid, fdg, laplacian_pyramid
+from guidance.ops.fresca import FRESCA_CONVENTIONS, frequency_scale, fresca
+from guidance.ops.magnitude import magnitude_ratio, mambo_g
+from guidance.ops.mahiro import MAHIRO_CONVENTIONS, mahiro
 from guidance.ops.perp_neg import perp_neg
+from guidance.ops.perturbed import PERTURBED_CONVENTIONS, autoguidance, perturbed_guidance
+from guidance.ops.projection import project
+from guidance.ops.renorm import RENORM_CONVENTIONS, cfg_norm, cfg_renorm, renorm
 from guidance.ops.rescale import cfg_rescaled, rescale
+from guidance.ops.tangential import tangential_damping, tcfg
 from guidance.ops.zero_star import cfg_zero_star, zero_star_alpha
 
 __all__ = [
@@ -42,4 +51,27 @@ __all__ = [
     "cfg_zero_star",
     "perp_neg",
     "beta_cfg",
+    "PERTURBED_CONVENTIONS",
+    "perturbed_guidance",
+    "autoguidance",
+    "project",
+    "tangential_damping",
+    "tcfg",
+    "magnitude_ratio",
+    "mambo_g",
+    "laplacian_pyramid",
+    "collapse_pyramid",
+    "fdg",
+    "FRESCA_CONVENTIONS",
+    "frequency_scale",
+    "fresca",
+    "RENORM_CONVENTIONS",
+    "renorm",
+    "cfg_renorm",
+    "cfg_norm",
+    "MAHIRO_CONVENTIONS",
+    "mahiro",
+    "random_embedding_like",
+    "random_labels_like",
+    "perturb_time_embedding",
 ]

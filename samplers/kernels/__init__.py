@@ -1,26 +1,41 @@
 """Fused CFG / typical-sampling kernels and the dispatcher that picks their implementation.
 
-Every function here runs the Triton kernels of :mod:`samplers.kernels.triton_kernels` when its
-input is a CUDA tensor of float16/bfloat16/float32, Triton imports and the environment
+Every function here runs the Triton kernels (:mod:`samplers.kernels.triton_kernels`, one
+program per row, and :mod:`samplers.kernels.triton_split`, long rows split across programs)
+when its input is a CUDA tensor of float16/bfloat16/float32, Triton imports and the environment
 variable ``GUIDANCE_DISABLE_TRITON`` is not ``1``; otherwise the PyTorch path of
 :mod:`samplers.kernels.reference` (the same semantics, any device, no Triton needed).
+Nothing here imports transformers or triton at import time.
 
 * :func:`cfg_log_softmax`: the log-prob CFG combine of :func:`guidance.ops.cfg_log_probs`;
 * :func:`typical_filter`: locally typical filter, transformers' ``TypicalLogitsWarper``
   semantics with an exact (float64) boundary, sort-free;
-* :func:`cfg_typical_sample`: CFG + temperature + typical filter + draw, one kernel on CUDA.
+* :func:`cfg_typical_sample`: CFG + temperature + typical filter + draw, fused on CUDA;
+* :func:`fused_warpers_supported` / :class:`FusedSampling`: whether a list of logits warpers
+  can be replaced by :func:`cfg_typical_sample`, and the call that does it.
+
+Contracts shared by the three operators (the same on the PyTorch and the Triton paths):
+
+* arguments are validated before any work (``TypeError`` for a wrong type, ``ValueError`` for a
+  value out of range, naming the argument); Python scalars cost nothing to check;
+* ``-inf`` marks a masked token: it stays ``-inf`` (or is never drawn). A row that is entirely
+  ``-inf`` comes back unchanged from :func:`typical_filter` and has no token to draw in
+  :func:`cfg_typical_sample`;
+* NaN and ``+inf`` logits are errors (a ``+inf`` logit is not a probability: mask the other
+  tokens with ``-inf`` to force one). With ``check_finite=True`` (the default) they raise
+  ``ValueError``: on the PyTorch path before any work; on the Triton path the kernel detects
+  them in its first pass and the wrapper reads one int32 flag per row afterwards (one small
+  device-to-host read, which waits for the kernel). ``check_finite=False`` never reads back:
+  such rows come out all-NaN (:func:`typical_filter`, :func:`cfg_log_softmax`) or as token
+  ``-1`` (:func:`cfg_typical_sample`, also for rows with nothing to draw), on every path;
+* a guidance scale of exactly 1 (a number, or a row of a per-row tensor) returns
+  ``cond_logits`` bit for bit; ``mass == 1`` returns ``scores`` itself. Both are unchecked
+  no-ops.
 
 Speed (``benchmarks/typical_sampling.py``; results in ``benchmarks/results/``): on CPU the
 PyTorch path is 3-7x faster than transformers' sort-based ``TypicalLogitsWarper`` at every
-size tried (32k-256k tokens, batch 1-256). On an H100 the Triton kernels run one program per
-row: the fused CFG + log-softmax beats ``cfg_log_probs`` everywhere (1.2-4.7x), the typical
-kernels beat transformers' sort at batch 256 (about 2x) but not at batch 1-32 with 128k+
-tokens, where one row on one SM is slower than a device-wide sort.
-
-Errors: bad arguments raise ``ValueError`` before any work; NaN / +inf logits raise
-``ValueError`` (on CUDA after the kernel, which detects them in its first pass, so that a
-clean call costs no extra pass); rows that are entirely ``-inf`` are returned unchanged by
-:func:`typical_filter` and raise ``ValueError`` in :func:`cfg_typical_sample`.
+size tried (32k-256k tokens, batch 1-256). On CUDA, small batches with long rows take the
+split-row kernels (see :func:`split_chunks`), large batches the one-program-per-row kernels.
 """
 
 from __future__ import annotations
@@ -33,11 +48,15 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from guidance.ops import cfg_log_probs, validate_scale
+from guidance.validation import check_batch_scale, check_range, check_same_shape, check_scale, check_tensor
 from samplers.kernels import reference
+from samplers.kernels.fused import FusedSampling, fused_warpers_supported
 from samplers.kernels.reference import (
+    check_logit_values,
     check_logits,
+    invalid_rows,
     row_uniforms,
+    validate_filter_value,
     validate_mass,
     validate_min_tokens_to_keep,
     validate_temperature,
@@ -45,14 +64,19 @@ from samplers.kernels.reference import (
 
 __all__ = [
     "DISABLE_TRITON_ENV",
+    "FusedSampling",
     "cfg_log_softmax",
     "cfg_typical_sample",
+    "fused_warpers_supported",
+    "raise_for_missing_tokens",
+    "split_chunks",
     "triton_available",
     "typical_filter",
     "uses_triton",
 ]
 
 DISABLE_TRITON_ENV = "GUIDANCE_DISABLE_TRITON"
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -66,12 +90,28 @@ def _triton_module() -> ModuleType | None:
 
 
 def triton_available() -> bool:
-    """Whether the Triton kernels can be imported (Triton installed)."""
+    """Whether the Triton kernels can be imported (Triton installed).
+
+    Example:
+        >>> from samplers.kernels import triton_available
+        >>> isinstance(triton_available(), bool)
+        True
+    """
     return _triton_module() is not None
 
 
 def uses_triton(*tensors: Tensor) -> bool:
-    """Whether a call on these tensors takes the Triton path."""
+    """Whether a call on these tensors takes the Triton path (CUDA, float16/bfloat16/float32, 2-D).
+
+    Args:
+        *tensors (`torch.Tensor`): the logits a call would read.
+
+    Example:
+        >>> import torch
+        >>> from samplers.kernels import uses_triton
+        >>> uses_triton(torch.zeros(2, 8))  # a CPU tensor: the PyTorch path
+        False
+    """
     if os.environ.get(DISABLE_TRITON_ENV, "0") not in ("", "0"):
         return False
     if not all(t.is_cuda and t.dtype in _TRITON_DTYPES and t.ndim == 2 for t in tensors):
@@ -79,13 +119,79 @@ def uses_triton(*tensors: Tensor) -> bool:
     return triton_available()
 
 
-def cfg_log_softmax(cond_logits: Tensor, uncond_logits: Tensor, scale: float | Tensor) -> Tensor:
+def split_chunks(batch: int, vocab: int, device: torch.device | str | None = None) -> int:
+    """How many programs share one row in the Triton typical kernels (1: one program per row).
+
+    Rows are split when the batch alone cannot fill the GPU (fewer rows than streaming
+    multiprocessors) and a row is long enough to split (at least two chunks of
+    4,096 tokens): about two programs per multiprocessor in all. A first choice, not tuned on
+    a GPU yet (``benchmarks/typical_sampling.py --chunks`` compares others).
+
+    Args:
+        batch (`int`): rows, >= 1.
+        vocab (`int`): tokens per row, >= 1.
+        device (`torch.device`, *optional*): a CUDA device (its multiprocessor count); without
+            one (or on CPU) 132 multiprocessors are assumed.
+
+    Example:
+        >>> from samplers.kernels import split_chunks
+        >>> split_chunks(1, 256_000), split_chunks(1, 2_000), split_chunks(512, 256_000)
+        (62, 1, 1)
+    """
+    sms = _multiprocessors(str(device)) if device is not None and torch.device(device).type == "cuda" else 132
+    if batch >= sms:
+        return 1
+    from_gpu = -(-2 * sms // batch)
+    min_chunk = 4096
+    return max(1, min(from_gpu, vocab // min_chunk))
+
+
+@functools.lru_cache(maxsize=8)
+def _multiprocessors(device: str) -> int:
+    return torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
+
+
+def _check_scale_for(scale: float | Tensor, batch: int, values: bool) -> float | Tensor:
+    """Type and shape of a guidance scale; its values too when they are free or asked for."""
+    if not isinstance(scale, Tensor):
+        # the combine runs in float32: a larger number would round to inf there (and make 0 * inf)
+        return check_range(scale, "scale", -_FLOAT32_MAX, _FLOAT32_MAX)
+    check_batch_scale(scale, batch, "scale")
+    if values or scale.device.type == "cpu":
+        return check_scale(scale, "scale")
+    if scale.is_complex() or scale.dtype == torch.bool:
+        raise TypeError(f"`scale` must be a real tensor, got dtype {scale.dtype}.")
+    return scale
+
+
+def cfg_log_softmax(
+    cond_logits: Tensor, uncond_logits: Tensor, scale: float | Tensor, *, check_finite: bool = True
+) -> Tensor:
     """Log-prob CFG ``log_softmax(u) + w (log_softmax(c) - log_softmax(u))``, fused on CUDA.
 
-    Exactly the semantics of :func:`guidance.ops.cfg_log_probs` (which is the PyTorch path):
-    ``scale`` a float or a (B,) tensor; at ``scale == 1`` ``cond_logits`` is returned itself; a
-    token that is ``-inf`` in either branch stays ``-inf``; float32 out (float64 for float64 in).
-    The Triton kernel reads each input twice and writes the result once.
+    The formula of :func:`guidance.ops.cfg_log_probs` (which the PyTorch path calls), with
+    these edges defined on every path: a token that is ``-inf`` in either branch stays ``-inf``
+    (at ``w = 0`` only ``uncond`` counts, at ``w = 1`` only ``cond``); a branch row that is
+    entirely ``-inf`` gives an entirely ``-inf`` row where that branch counts (never NaN); a
+    scale of exactly 1, a number or one row of a per-row tensor, returns ``cond_logits`` bit
+    for bit (a number: the tensor itself, unchecked). The Triton kernel reads each input
+    twice and writes the result once.
+
+    Args:
+        cond_logits (`torch.Tensor`): conditional logits, ``(batch, vocab)`` or ``(vocab,)``,
+            any float dtype; finite or ``-inf``.
+        uncond_logits (`torch.Tensor`): unconditional logits, the shape of ``cond_logits``.
+        scale (`float` or `torch.Tensor`): guidance scale ``w``, a real number with
+            ``|w| <= 3.4e38`` (float32's range; ``1``: off, ``0``: ``uncond``); or a real tensor of
+            shape ``()``, ``(1,)`` or ``(batch,)`` (one scale per row, taken in float32). A CUDA
+            tensor's values are checked only with ``check_finite``.
+        check_finite (`bool`, *optional*, defaults to `True`): raise ``ValueError`` on NaN or
+            ``+inf`` logits or scales (reads one flag per row back from the GPU); with
+            ``False`` such rows come back all-NaN and nothing is read back.
+
+    Returns:
+        `torch.Tensor`: float32 guided log-probs (float64 for float64 inputs), ``cond_logits``'
+        shape.
 
     Example:
         >>> import torch
@@ -94,25 +200,62 @@ def cfg_log_softmax(cond_logits: Tensor, uncond_logits: Tensor, scale: float | T
         >>> torch.round(out, decimals=4)
         tensor([[ 0.1562, -2.8438]])
     """
+    check_logits(cond_logits, "cond_logits", allow_1d=True)
+    check_tensor(uncond_logits, "uncond_logits", floating=True)
+    check_same_shape(cond_logits, uncond_logits, "cond_logits", "uncond_logits")
+    batch = cond_logits.shape[0] if cond_logits.ndim == 2 else 1
+    scale = _check_scale_for(scale, batch, check_finite)
     if not isinstance(scale, Tensor) and scale == 1:
-        return cfg_log_probs(cond_logits, uncond_logits, scale)
-    if isinstance(scale, Tensor) and scale.numel() not in (1, cond_logits.shape[0]):
-        return cfg_log_probs(cond_logits, uncond_logits, scale)
-    if cond_logits.shape == uncond_logits.shape and uses_triton(cond_logits, uncond_logits):
-        return _triton_module().cfg_log_softmax_triton(cond_logits, uncond_logits, scale)
-    return cfg_log_probs(cond_logits, uncond_logits, scale)
+        return cond_logits
+    if cond_logits.ndim == 1:
+        return cfg_log_softmax(cond_logits[None], uncond_logits[None], scale, check_finite=check_finite)[0]
+    if uses_triton(cond_logits, uncond_logits):
+        return _triton_module().cfg_log_softmax_triton(
+            cond_logits, uncond_logits, scale, check_finite=check_finite
+        )
+    if check_finite:
+        check_logit_values(cond_logits, "cond_logits")
+        check_logit_values(uncond_logits, "uncond_logits")
+    out = reference.cfg_log_softmax_torch(cond_logits, uncond_logits, scale)
+    if not check_finite:
+        bad = invalid_rows(cond_logits) | invalid_rows(uncond_logits)
+        if isinstance(scale, Tensor):
+            bad = bad | ~torch.isfinite(reference._row_scale(scale, out)[:, 0])
+        out = torch.where(bad[:, None], math.nan, out)
+    return out
 
 
 def typical_filter(
-    scores: Tensor, mass: float, min_tokens_to_keep: int = 1, filter_value: float = -math.inf
+    scores: Tensor,
+    mass: float,
+    min_tokens_to_keep: int = 1,
+    filter_value: float = -math.inf,
+    *,
+    check_finite: bool = True,
 ) -> Tensor:
     """Locally typical filter: scores of tokens outside the typical set become ``filter_value``.
 
-    transformers' ``TypicalLogitsWarper`` semantics (the crossing token kept, ties kept, at
-    least ``min_tokens_to_keep`` tokens, ``mass == 1`` returns ``scores`` itself), but without
-    a sort and with the boundary decided by float64 sums (see :mod:`samplers.typical`).
-    ``scores`` is (B, V) or (V,), any float dtype (selection in float32, output in the input
-    dtype). Rows that are entirely ``-inf`` are returned unchanged.
+    Keeps the smallest set of tokens, in ascending order of ``|-log p - H|``, whose mass
+    reaches ``mass``: transformers' ``TypicalLogitsWarper`` semantics, without a sort and with
+    the boundary decided by float64 sums (see :mod:`samplers.typical`). Tie rule: ties with
+    the token that crosses the mass are all kept; when fewer than ``min_tokens_to_keep`` tokens
+    are kept, exactly ``min_tokens_to_keep`` are, the first in (score, token id) order.
+
+    Args:
+        scores (`torch.Tensor`): logits, ``(batch, vocab)`` or ``(vocab,)``, any float dtype
+            (selection in float32, output in the input dtype); finite or ``-inf``.
+        mass (`float`): ``typical_p`` in (0, 1]; ``1`` returns ``scores`` itself (unchecked).
+        min_tokens_to_keep (`int`, *optional*, defaults to 1): at least this many tokens are
+            kept, >= 1 (all of them when it exceeds the vocabulary).
+        filter_value (`float`, *optional*, defaults to ``-inf``): value of the removed tokens,
+            any real number but NaN.
+        check_finite (`bool`, *optional*, defaults to `True`): raise ``ValueError`` on NaN or
+            ``+inf`` scores (on CUDA: reads one flag per row back after the kernel); with
+            ``False`` such rows come back all-NaN and nothing is read back.
+
+    Returns:
+        `torch.Tensor`: ``scores``' shape and dtype. Rows that are entirely ``-inf`` are
+        returned unchanged.
 
     Example:
         >>> import torch
@@ -122,23 +265,21 @@ def typical_filter(
     """
     mass = validate_mass(mass)
     min_tokens_to_keep = validate_min_tokens_to_keep(min_tokens_to_keep)
-    if (
-        isinstance(filter_value, bool)
-        or not isinstance(filter_value, (int, float))
-        or math.isnan(filter_value)
-    ):
-        raise ValueError(f"`filter_value` must be a float (usually -inf), got {filter_value!r}.")
-    if not isinstance(scores, Tensor) or scores.ndim not in (1, 2):
-        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
-        raise ValueError(f"`scores` must be a tensor of shape (batch, vocab) or (vocab,), got {shape}.")
+    filter_value = validate_filter_value(filter_value)
+    check_logits(scores, "scores", allow_1d=True)
     if mass >= 1.0:
         return scores
     rows = scores if scores.ndim == 2 else scores[None]
     if uses_triton(rows):
-        out = _triton_module().typical_filter_triton(rows, mass, min_tokens_to_keep, float(filter_value))
+        out = _triton_module().typical_filter_triton(
+            rows, mass, min_tokens_to_keep, filter_value, check_finite=check_finite
+        )
     else:
-        check_logits(rows, "scores")
-        out = reference.typical_filter_torch(rows, mass, min_tokens_to_keep, float(filter_value))
+        if check_finite:
+            check_logit_values(rows, "scores")
+        out = reference.typical_filter_torch(
+            rows, mass, min_tokens_to_keep, filter_value, mark_invalid=not check_finite
+        )
     return out if scores.ndim == 2 else out[0]
 
 
@@ -152,67 +293,96 @@ def cfg_typical_sample(
     min_tokens_to_keep: int = 1,
     seed: int | Tensor | None = None,
     generator: torch.Generator | None = None,
+    check_finite: bool = True,
 ) -> Tensor:
     """Draw one token per row from the typical set of the CFG-guided, tempered distribution.
 
-    Steps: ``l = cfg_log_probs(cond, uncond, scale)`` (``cond`` itself at ``scale == 1`` or when
-    ``uncond_logits`` is None), ``z = l / temperature``, the typical filter of ``z`` with
-    ``mass`` (1 = off) and ``min_tokens_to_keep``, then a draw from the renormalised kept
-    probabilities: the order of transformers' CFG processor, temperature and typical warpers.
-    On CUDA this is one Triton kernel that writes nothing vocabulary-sized.
+    Steps: ``l = cfg_log_softmax(cond, uncond, scale)`` (``cond`` itself at ``scale == 1`` or
+    when ``uncond_logits`` is None), ``z = l / temperature``, the typical filter of ``z`` with
+    ``mass`` and ``min_tokens_to_keep`` (the tie rule of :func:`typical_filter`), then an
+    inverse-CDF draw over the kept tokens in vocabulary order with one uniform per row. On
+    CUDA this is one fused pipeline that writes no vocabulary-sized intermediate.
 
-    Randomness is one uniform per row (an inverse-CDF draw): from ``seed`` (an int gives row
-    ``b`` the seed ``seed + b``; a (B,) integer tensor gives one seed per row), else from
-    ``generator``, else from torch's global generator. A seed gives the same tokens on CPU
-    and CUDA (up to float rounding at a boundary). In a decoding loop pass a different seed
-    per step (or a generator), or every step reuses the same uniforms.
+    Seeds: the only randomness is one float64 uniform per row (:func:`reference.row_uniforms`).
+    With ``seed`` the uniforms are a pure function of the seed (SplitMix64), identical on every
+    device; the same seed and the same logits give the same tokens on the same device and
+    kernel (the PyTorch and Triton paths agree except where float rounding decides a boundary
+    token). In a decoding loop pass a ``generator`` (``batch`` float64 draws per call) or a new
+    seed per step: a fixed ``seed`` gives the same uniform at every step. These draws never
+    match ``torch.multinomial``'s for the same torch seed.
 
-    Returns a (B,) LongTensor. Raises ``ValueError`` for bad arguments, NaN / +inf logits, and
-    rows whose guided logits are all ``-inf``.
+    Args:
+        cond_logits (`torch.Tensor`): conditional logits ``(batch, vocab)``, float dtype,
+            finite or ``-inf``.
+        uncond_logits (`torch.Tensor` or None): unconditional logits of the same shape, or None
+            (no guidance).
+        scale (`float` or `torch.Tensor`): guidance scale, a real number with ``|w| <= 3.4e38``
+            or a ``(batch,)`` real tensor (``1``: off).
+        mass (`float`): ``typical_p`` in (0, 1]; ``1`` samples the full tempered distribution.
+        temperature (`float`, *optional*, defaults to 1.0): in [1e-5, inf).
+        min_tokens_to_keep (`int`, *optional*, defaults to 1): >= 1.
+        seed (`int` or `torch.Tensor`, *optional*): an int in ``[0, 2**63 - batch)`` (row ``b``
+            uses ``seed + b``) or a ``(batch,)`` integer tensor of per-row seeds.
+        generator (`torch.Generator`, *optional*): source of the uniforms when ``seed`` is None
+            (torch's global generator when both are None). Not both.
+        check_finite (`bool`, *optional*, defaults to `True`): raise ``ValueError`` for rows
+            with NaN / ``+inf`` logits or nothing to draw (reads one flag per row back from the
+            GPU); with ``False`` those rows get token ``-1`` and nothing is read back.
+
+    Returns:
+        `torch.LongTensor`: ``(batch,)`` token ids.
 
     Example:
         >>> import torch
         >>> from samplers.kernels import cfg_typical_sample
-        >>> cond = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]))
-        >>> cfg_typical_sample(cond, torch.zeros(2, 3), 1.5, mass=0.9, seed=0).shape
-        torch.Size([2])
+        >>> cond = torch.tensor([[0.0, 4.0, 0.0, 0.0], [3.0, 0.0, 0.0, 0.0]])
+        >>> cfg_typical_sample(cond, torch.zeros(2, 4), 2.0, 0.5, seed=0)
+        tensor([1, 0])
     """
     mass = validate_mass(mass)
     temperature = validate_temperature(temperature)
     min_tokens_to_keep = validate_min_tokens_to_keep(min_tokens_to_keep)
-    if not isinstance(cond_logits, Tensor) or cond_logits.ndim != 2:
-        raise ValueError("`cond_logits` must be a tensor of shape (batch, vocab).")
-    if uncond_logits is not None and (
-        not isinstance(uncond_logits, Tensor) or uncond_logits.shape != cond_logits.shape
-    ):
-        raise ValueError("`uncond_logits` must be None or a tensor of the shape of `cond_logits`.")
-    validate_scale(scale, "scale")
-    if isinstance(scale, Tensor) and scale.numel() not in (1, cond_logits.shape[0]):
-        raise ValueError(
-            f"`scale` as a tensor must have shape ({cond_logits.shape[0]},), got {tuple(scale.shape)}."
-        )
+    check_logits(cond_logits, "cond_logits")
+    if uncond_logits is not None:
+        check_tensor(uncond_logits, "uncond_logits", floating=True)
+        check_same_shape(cond_logits, uncond_logits, "cond_logits", "uncond_logits")
+    scale = _check_scale_for(scale, cond_logits.shape[0], check_finite)
     uniforms = row_uniforms(cond_logits.shape[0], cond_logits.device, seed=seed, generator=generator)
     guided = uncond_logits is not None and (isinstance(scale, Tensor) or scale != 1)
     tensors = (cond_logits, uncond_logits) if guided else (cond_logits,)
+    args = (cond_logits, uncond_logits if guided else None, scale, mass)
+    kwargs = {"temperature": temperature, "min_tokens_to_keep": min_tokens_to_keep, "uniforms": uniforms}
     if uses_triton(*tensors):
-        return _triton_module().cfg_typical_sample_triton(
-            cond_logits,
-            uncond_logits if guided else None,
-            scale,
-            mass,
-            temperature=temperature,
-            min_tokens_to_keep=min_tokens_to_keep,
-            uniforms=uniforms,
+        return _triton_module().cfg_typical_sample_triton(*args, **kwargs, check_finite=check_finite)
+    if check_finite:
+        for tensor, name in zip(tensors, ("cond_logits", "uncond_logits"), strict=False):
+            check_logit_values(tensor, name)
+    tokens = reference.cfg_typical_sample_torch(*args, **kwargs)
+    if check_finite:
+        raise_for_missing_tokens(tokens)
+    return tokens
+
+
+def raise_for_missing_tokens(tokens: Tensor) -> None:
+    """Raise ``ValueError`` naming the rows whose token is ``-1`` (nothing to draw). Reads ``tokens``.
+
+    For loops that sample with ``check_finite=False`` and check at their own sync point.
+
+    Args:
+        tokens (`torch.Tensor`): ``(batch,)`` integer tokens from :func:`cfg_typical_sample`.
+
+    Example:
+        >>> import torch
+        >>> from samplers.kernels import raise_for_missing_tokens
+        >>> raise_for_missing_tokens(torch.tensor([3, -1]))
+        Traceback (most recent call last):
+        ...
+        ValueError: Rows [1] of the guided logits have no token to sample: they are entirely -inf (or not finite after guidance and temperature).
+    """
+    missing = tokens < 0
+    if bool(missing.any()):
+        rows = missing.nonzero().flatten().tolist()
+        raise ValueError(
+            f"Rows {rows[:10]} of the guided logits have no token to sample: they are entirely -inf "
+            "(or not finite after guidance and temperature)."
         )
-    check_logits(cond_logits, "cond_logits")
-    if guided:
-        check_logits(uncond_logits, "uncond_logits")
-    return reference.cfg_typical_sample_torch(
-        cond_logits,
-        uncond_logits if guided else None,
-        scale,
-        mass,
-        temperature=temperature,
-        min_tokens_to_keep=min_tokens_to_keep,
-        uniforms=uniforms,
-    )

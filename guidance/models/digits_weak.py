@@ -1,0 +1,146 @@
+"""A deliberately weaker digits model, the "bad version" that :class:`~guidance.guiders.AutoGuidance` steers away from.
+
+AutoGuidance (Karras et al. 2024) guides a model with a smaller and less trained version of
+itself, given the same condition. This module trains and loads such a model for the shipped
+digits UNet (:mod:`guidance.models.digits`): the same architecture family and noise schedule,
+a quarter of the channels (16/32/32 instead of 32/64/64) and a short run (``--steps 600``,
+batch 64, no condition dropout needed but kept at 0.15 so it can also serve as an
+unconditional model). Train it with ``python -m guidance.models.digits_weak`` (seeded; a few
+minutes on one CPU core); the weights ship as ``weights/digits_weak_unet.safetensors``.
+
+Example:
+    >>> from guidance.models.digits_weak import load_digits_weak_unet
+    >>> weak = load_digits_weak_unet()
+    >>> sum(p.numel() for p in weak.parameters()) < 300_000
+    True
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DModel
+
+from guidance.models.digits import NULL_CLASS, WEIGHTS_DIR, digits_scheduler_config, digits_unet_config
+
+__all__ = ["digits_weak_unet_config", "build_digits_weak_unet", "load_digits_weak_unet", "train_weak", "main"]
+
+WEAK_WEIGHTS = "digits_weak_unet.safetensors"
+WEAK_CONFIG = "digits_weak_unet_config.json"
+WEAK_LOG = "digits_weak_unet_train_log.json"
+
+
+def digits_weak_unet_config() -> dict[str, Any]:
+    """The shipped UNet's configuration with a quarter of the channels."""
+    config = digits_unet_config()
+    config.update(block_out_channels=[16, 32, 32], norm_num_groups=8, attention_head_dim=16)
+    return config
+
+
+def build_digits_weak_unet(seed: int | None = None) -> UNet2DModel:
+    """A randomly initialised weak UNet (``seed`` makes the init reproducible)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return UNet2DModel(**digits_weak_unet_config())
+
+
+def load_digits_weak_unet(weights_dir: str | Path | None = None) -> UNet2DModel:
+    """The trained weak UNet from safetensors (no pickle), float32, eval mode."""
+    from safetensors.torch import load_file
+
+    folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    weights = folder / WEAK_WEIGHTS
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights} is missing; train it with `python -m guidance.models.digits_weak`.")
+    config_path = folder / WEAK_CONFIG
+    config = json.loads(config_path.read_text()) if config_path.exists() else digits_weak_unet_config()
+    unet = UNet2DModel(**config)
+    unet.load_state_dict(load_file(str(weights)), strict=True)
+    return unet.eval().requires_grad_(False)
+
+
+def train_weak(
+    steps: int = 600,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    cond_dropout: float = 0.15,
+    ema_decay: float = 0.99,
+    seed: int = 0,
+    out: Path = WEIGHTS_DIR,
+) -> dict:
+    """Train the weak UNet (same recipe as :mod:`guidance.models.digits_train`, shorter) and write it to ``out``."""
+    from safetensors.torch import save_file
+
+    from guidance.models.digits import load_digits_split
+    from guidance.models.digits_train import _lr_factor, heldout_loss
+
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"`steps` and `batch_size` must be >= 1, got {steps} and {batch_size}.")
+    torch.manual_seed(seed)
+    images, labels = load_digits_split("train")
+    heldout_images, heldout_labels = load_digits_split("heldout")
+    noise_scheduler = DDPMScheduler.from_config(digits_scheduler_config())
+    unet = build_digits_weak_unet(seed).train()
+    ema = build_digits_weak_unet(seed).eval().requires_grad_(False)
+    ema.load_state_dict(unet.state_dict())
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, min(50, steps), steps))
+    gen = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    losses = []
+    for step in range(steps):
+        idx = torch.randint(0, images.shape[0], (batch_size,), generator=gen)
+        x0, y = images[idx], labels[idx].clone()
+        y[torch.rand(batch_size, generator=gen) < cond_dropout] = NULL_CLASS
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
+        loss = F.mse_loss(unet(noise_scheduler.add_noise(x0, noise, t), t, class_labels=y).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), unet.parameters(), strict=True):
+                p_ema.lerp_(p, 1.0 - min(ema_decay, (1 + step) / (10 + step)))
+        losses.append(float(loss))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(out / WEAK_WEIGHTS))
+    (out / WEAK_CONFIG).write_text(json.dumps(digits_weak_unet_config(), indent=2) + "\n")
+    log = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "cond_dropout": cond_dropout,
+        "ema_decay": ema_decay,
+        "seed": seed,
+        "torch": torch.__version__,
+        "num_params": sum(p.numel() for p in ema.parameters()),
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "final_train_loss_last50": sum(losses[-50:]) / len(losses[-50:]),
+        "heldout_loss_ema": heldout_loss(ema, noise_scheduler, heldout_images, heldout_labels),
+    }
+    (out / WEAK_LOG).write_text(json.dumps(log, indent=2) + "\n")
+    return log
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train the weak digits UNet for AutoGuidance.")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    print(json.dumps(train_weak(steps=args.steps, batch_size=args.batch_size, seed=args.seed, out=args.out), indent=2))
+
+
+if __name__ == "__main__":
+    main()
