@@ -21,7 +21,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from guidance.adaptive import AdaptiveGuidance  # noqa: E402
 from guidance.branches import COND, UNCOND, Branch  # noqa: E402
 from guidance.diffusion import ForwardHooks, attach  # noqa: E402
-from guidance.guiders import APG, CFG, CFGZeroStar, PerpNeg  # noqa: E402
+from guidance.guiders import (  # noqa: E402
+    APG,
+    CFG,
+    AutoGuidance,
+    CFGZeroStar,
+    PerpNeg,
+    StochasticSelf,
+    TokenPerturbation,
+)
 from guidance.schedules import Window  # noqa: E402
 
 DIGIT_LABELS = [1, 3, 7, 9]
@@ -39,6 +47,13 @@ def pipe_of(kind: str) -> Any:
     from guidance.diffusion.testing import tiny_stable_diffusion
 
     return tiny_stable_diffusion()
+
+
+@functools.cache
+def weak_digits_unet() -> Any:
+    from guidance.models.digits_weak import load_digits_weak_unet
+
+    return load_digits_weak_unet()
 
 
 def _digits(pipe: Any, seed: int = 0, **kwargs: Any) -> torch.Tensor:
@@ -101,6 +116,15 @@ SCENARIOS: dict[str, Scenario] = {
         {"branch_inputs": lambda: {"negative": {"class_labels": torch.tensor([4])}}},
     ),
     "digits_skip_layer": Scenario("digits", lambda: SkipLayerCFG(3.0)),
+    # Hooks with state from call to call: the perturbed branch must stay on one rank (CFG is off at
+    # step 0, so the branches there are [cond, perturbed] and afterwards [uncond, cond, perturbed]).
+    "digits_tpg": Scenario(
+        "digits", lambda: TokenPerturbation(Window(3.0, start_step=1), 2.0, layers="mid_block.attentions.0")
+    ),
+    "digits_s2g": Scenario(
+        "digits", lambda: StochasticSelf(3.0, 0.5, layers="*.attentions.[0-9]", ratio=0.5)
+    ),
+    "digits_autoguidance": Scenario("digits", lambda: AutoGuidance(2.0, model=weak_digits_unet())),
     "digits_cfgpp": Scenario("digits", lambda: 0.6, {"mode": lambda: "cfgpp"}),
     "sd_cfg": Scenario("sd", lambda: CFG(4.0)),
     "sd_apg": Scenario("sd", lambda: APG(6.0, momentum=-0.5, norm_threshold=5.0)),

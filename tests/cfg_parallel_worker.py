@@ -38,7 +38,7 @@ from guidance.diffusion.parallel import DistributedEvaluator  # noqa: E402
 from guidance.guiders import CFG  # noqa: E402
 
 RANK = int(os.environ["RANK"])
-ROWS_SCENARIOS = ("digits_interval", "digits_adaptive", "digits_perp_neg", "sd_zero_star")
+ROWS_SCENARIOS = ("digits_interval", "digits_adaptive", "digits_perp_neg", "digits_tpg", "sd_zero_star")
 STALL_SECONDS = 6.0
 
 

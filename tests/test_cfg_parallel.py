@@ -151,12 +151,35 @@ def test_plan_gives_every_row_to_exactly_one_rank():
                     assert [[c.request for c in rank] for rank in layout] == [
                         list(range(r, len(sizes), world)) for r in range(world)
                     ]
+    # Hooked requests stay whole on their home rank; the others' rows even out the loads.
+    layout = plan([4, 4, 4], 2, "rows", homes=[0, 1, 0], whole=[False, False, True])
+    assert [[(c.request, c.start, c.stop) for c in rank] for rank in layout] == [
+        [(0, 0, 2), (2, 0, 4)],
+        [(0, 2, 4), (1, 0, 4)],
+    ]
+    layout = plan([1, 1, 5], 3, "rows", homes=[0, 1, 2], whole=[False, False, True])
+    assert [sum(c.rows for c in rank) for rank in layout] == [1, 1, 5]
+    layout = plan([3, 3, 3], 2, "branches", homes=[1, 0, 1])
+    assert [[c.request for c in rank] for rank in layout] == [[1], [0, 2]]
+    with pytest.raises(ValueError, match="homes"):
+        plan([2, 2], 2, homes=[0, 2])
     with pytest.raises(ValueError, match="balance"):
         plan([2], 2, "even")
     with pytest.raises(ValueError, match="world_size"):
         plan([2], 0)
     with pytest.raises(ValueError, match="sizes"):
         plan([0], 2)
+
+
+def test_a_branch_keeps_its_home_rank_when_others_come_and_go():
+    # TPG reseeds its permutation from a per-hook call counter, kept by each rank's own copy of the
+    # hook. At step 0 (CFG off) the branches are [cond, perturbed], afterwards [uncond, cond,
+    # perturbed]: by position modulo 2 the perturbed branch would move from rank 1 to rank 0 and
+    # use rank 0's stale counter (the distributed scenario digits_tpg checks the images).
+    evaluator = SimulatedEvaluator(2)
+    separate = scenarios.run("digits_tpg", evaluator="separate")
+    assert torch.equal(scenarios.run("digits_tpg", evaluator=evaluator), separate)
+    assert evaluator._homes.ranks == {"cond": 0, "perturbed": 1, "uncond": 0}
 
 
 def test_simulated_two_ranks_are_the_separate_evaluator_bit_for_bit():
@@ -243,7 +266,9 @@ def test_one_branch_per_rank_is_bit_identical_to_separate_calls(two_ranks, name)
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", ["digits_interval", "digits_adaptive", "digits_perp_neg", "sd_zero_star"])
+@pytest.mark.parametrize(
+    "name", ["digits_interval", "digits_adaptive", "digits_perp_neg", "digits_tpg", "sd_zero_star"]
+)
 def test_rows_split_equals_its_single_process_simulation(two_ranks, name):
     parallel = two_ranks[0][0][f"{name}@rows"]
     assert torch.equal(parallel, scenarios.run(name, evaluator=SimulatedEvaluator(2, "rows")))

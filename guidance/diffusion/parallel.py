@@ -10,18 +10,23 @@ rank returns the same images.
 :class:`DistributedEvaluator` is that strategy, a
 :class:`~guidance.diffusion.branches.BranchEvaluator`: the guiders, schedules, adaptive
 guidance and the denoiser wrapper are the same as in a single process. Who evaluates what is
-:func:`plan`, a pure function of the step's requests (the same on every rank):
+:func:`plan`, a pure function of the step's requests (the same on every rank). Each branch has
+a home rank for as long as it is attached: branch names in the order they first appear
+(``uncond``, ``cond``, then the extra ones), modulo the group size. A branch never moves, so a
+hook that keeps state from call to call (TPG's permutations, S^2-Guidance's random blocks)
+advances exactly as in one process.
 
-* ``balance="branches"`` (default): request ``i`` on rank ``i % world_size``, each in a call
-  of its own. The images are bit-identical to the single-process run with
+* ``balance="branches"`` (default): every branch whole on its home rank, each in a call of its
+  own. The images are bit-identical to the single-process run with
   ``attach(..., evaluator="separate")``. Where a step needs fewer branches than there are ranks
   (a guidance interval, CFG-Zero*'s zero-init steps, a schedule at scale 1, or adaptive
   guidance retiring every sample) the ranks left without a branch idle for that step.
-* ``balance="rows"``: the step's rows (all requests one after the other) are cut into
-  ``world_size`` near-equal consecutive pieces, so a step with only the conditional branch is
-  split by batch rows, and more ranks than branches are useful. Equal to the single-process run
-  within float32 noise (kernels differ in their last bits between batch sizes), and
-  bit-identical to :class:`SimulatedEvaluator` with the same ``world_size``.
+* ``balance="rows"``: hooked branches stay whole on their home rank; the rows of the other
+  branches are spread so that the ranks' loads differ by as little as possible, so a step with
+  only the conditional branch is split by batch rows, and more ranks than branches are useful.
+  Equal to the single-process run within float32 noise (kernels differ in their last bits
+  between batch sizes), and bit-identical to :class:`SimulatedEvaluator` with the same
+  ``world_size``.
 
 Every step the ranks also exchange a small header: the call's index, a digest of the plan and
 an exact digest of the denoiser's inputs (latents, embeddings, labels, timestep). Ranks that
@@ -87,15 +92,25 @@ class Chunk:
         return self.stop - self.start
 
 
-def plan(sizes: Sequence[int], world_size: int, balance: str = "branches") -> list[list[Chunk]]:
-    """Who evaluates what: for every rank, the chunks of the step's requests it runs.
+def plan(
+    sizes: Sequence[int],
+    world_size: int,
+    balance: str = "branches",
+    homes: Sequence[int] | None = None,
+    whole: Sequence[bool] | None = None,
+) -> list[list[Chunk]]:
+    """Who evaluates what: for every rank, the chunks of the step's requests it runs (in request order).
 
     Args:
         sizes (Sequence[int]): rows of each request, in request order (each >= 1).
         world_size (int): the number of ranks (>= 1).
-        balance (str): ``"branches"`` (request ``i`` whole on rank ``i % world_size``) or
-            ``"rows"`` (``world_size`` near-equal consecutive pieces of all rows; the first
-            ``total % world_size`` ranks get one row more).
+        balance (str): ``"branches"``: request ``i`` whole on rank ``homes[i]``. ``"rows"``: the
+            requests marked ``whole`` on their home rank, and the rows of the others (one after the
+            other) cut into consecutive pieces that even out the ranks' loads (at most one row
+            apart where the whole requests allow it; lower ranks first).
+        homes (Sequence[int] | None): each request's rank in ``[0, world_size)``; default ``i % world_size``.
+        whole (Sequence[bool] | None): requests that must not be split (hooked branches, whose hooks
+            may keep state per call); default none.
     """
     if balance not in BALANCES:
         raise ValueError(f"`balance` must be one of {BALANCES}, got {balance!r}.")
@@ -103,23 +118,53 @@ def plan(sizes: Sequence[int], world_size: int, balance: str = "branches") -> li
         raise ValueError(f"`world_size` must be an integer >= 1, got {world_size!r}.")
     if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
         raise ValueError(f"`sizes` must be integers >= 1, got {list(sizes)!r}.")
-    if balance == "branches":
-        return [
-            [Chunk(i, 0, n) for i, n in enumerate(sizes) if i % world_size == rank]
-            for rank in range(world_size)
-        ]
-    share, extra = divmod(sum(sizes), world_size)
-    bounds = [rank * share + min(rank, extra) for rank in range(world_size + 1)]
-    layout: list[list[Chunk]] = []
-    for rank in range(world_size):
-        lo, hi, offset, chunks = bounds[rank], bounds[rank + 1], 0, []
-        for i, n in enumerate(sizes):
-            start, stop = max(lo, offset), min(hi, offset + n)
-            if start < stop:
-                chunks.append(Chunk(i, start - offset, stop - offset))
-            offset += n
-        layout.append(chunks)
-    return layout
+    homes = [i % world_size for i in range(len(sizes))] if homes is None else list(homes)
+    whole = [False] * len(sizes) if whole is None else list(whole)
+    if len(homes) != len(sizes) or any(not 0 <= h < world_size for h in homes) or len(whole) != len(sizes):
+        raise ValueError(f"`homes` must give each of the {len(sizes)} requests a rank in [0, {world_size}).")
+    layout: list[list[Chunk]] = [[] for _ in range(world_size)]
+    fixed = range(len(sizes)) if balance == "branches" else [i for i in range(len(sizes)) if whole[i]]
+    for i in fixed:
+        layout[homes[i]].append(Chunk(i, 0, sizes[i]))
+    if balance == "rows":
+        _spread_rows(sizes, [i for i in range(len(sizes)) if not whole[i]], layout)
+    return [sorted(chunks, key=lambda c: (c.request, c.start)) for chunks in layout]
+
+
+def _spread_rows(sizes: Sequence[int], free: list[int], layout: list[list[Chunk]]) -> None:
+    """Add the rows of the ``free`` requests to ``layout``, one row at a time to the least loaded rank."""
+    loads = [sum(c.rows for c in chunks) for chunks in layout]
+    shares = [0] * len(layout)
+    for _ in range(sum(sizes[i] for i in free)):
+        rank = min(range(len(layout)), key=lambda r: (loads[r] + shares[r], r))
+        shares[rank] += 1
+    pieces = iter([(i, row) for i in free for row in range(sizes[i])])
+    for rank, share in enumerate(shares):
+        rows = [next(pieces) for _ in range(share)]
+        for i in dict.fromkeys(i for i, _ in rows):
+            own = [row for j, row in rows if j == i]
+            layout[rank].append(Chunk(i, own[0], own[-1] + 1))
+
+
+class _Homes:
+    """Each branch's rank for the whole attach: the order in which branch names first appear, modulo the
+    group size. A branch never moves, so a hook that keeps state per call (TPG's permutations, S^2's
+    random block choice) advances exactly as in one process."""
+
+    def __init__(self) -> None:
+        self.ranks: dict[str, int] = {}
+
+    def __call__(self, requests: Sequence[BranchRequest], world_size: int) -> list[int]:
+        for request in requests:
+            self.ranks.setdefault(request.name, len(self.ranks) % world_size)
+        return [self.ranks[request.name] for request in requests]
+
+
+def _layout(
+    requests: Sequence[BranchRequest], world_size: int, balance: str, homes: _Homes
+) -> list[list[Chunk]]:
+    whole = [request.hook is not None for request in requests]
+    return plan([len(r) for r in requests], world_size, balance, homes(requests, world_size), whole)
 
 
 def _run_chunk(request: BranchRequest, chunk: Chunk) -> Tensor:
@@ -166,10 +211,11 @@ class SimulatedEvaluator:
     def __init__(self, world_size: int = 2, balance: str = "branches"):
         plan([1], world_size, balance)  # validates both
         self.world_size, self.balance = world_size, balance
+        self._homes = _Homes()
 
     def evaluate(self, requests: Sequence[BranchRequest]) -> dict[str, Tensor]:
         _check_hooks(requests)
-        layout = plan([len(r) for r in requests], self.world_size, self.balance)
+        layout = _layout(requests, self.world_size, self.balance, self._homes)
         outputs = [[_run_chunk(requests[c.request], c) for c in chunks] for chunks in layout]
         return _assemble(requests, layout, outputs)
 
@@ -232,6 +278,7 @@ class DistributedEvaluator:
         self._exchange: Exchange | None = None
         self._calls = 0
         self._ran = False
+        self._homes = _Homes()
 
     # -- group ------------------------------------------------------------------------------------
     def connect(self, model_device: torch.device) -> None:
@@ -277,12 +324,12 @@ class DistributedEvaluator:
             raise ValueError("This DistributedEvaluator was closed (detached); attach it again to sample.")
         _check_hooks(requests)
         self._calls += 1
-        layout = plan([len(r) for r in requests], group.world_size, self.balance)
+        layout = _layout(requests, group.world_size, self.balance, self._homes)
         mine = layout[group.rank]
         started = time.perf_counter()
         outputs, error = self._run_mine(requests, mine)
         evaluated = time.perf_counter()
-        headers = self._exchange_headers(self._header(requests, outputs, error))
+        headers = self._exchange_headers(self._header(requests, layout, outputs, error))
         dtype, row_shape = self._check(headers, error)
         predictions = self._gather(requests, layout, outputs, headers, dtype, row_shape)
         timings = self.timings
@@ -298,8 +345,9 @@ class DistributedEvaluator:
             outputs = [_run_chunk(requests[c.request], c) for c in mine]
             if not mine and not self._ran:
                 # The wrapper returns the denoiser's own output type, which it learns from one call;
-                # a rank idle at the first step evaluates one row once, and discards it.
-                _run_chunk(requests[0], Chunk(0, 0, 1))
+                # a rank idle at the first step evaluates one row of a hook-free branch once, and discards it.
+                plain = [r for r in requests if r.hook is None] or list(requests)
+                _run_chunk(plain[0], Chunk(0, 0, 1))
             self._ran = True
             return outputs, None
         except Exception as exc:  # noqa: BLE001 - re-raised after telling the other ranks
@@ -312,8 +360,10 @@ class DistributedEvaluator:
         what = "the headers at attach" if self._calls == 0 else f"the headers of call {self._calls}"
         return [h.cpu().tolist() for h in self._exchange.all_gather(header, what)]
 
-    def _header(self, requests: Sequence[BranchRequest], outputs: list[Tensor], error: Any) -> Tensor:
-        header = _blank_header(self._calls, _plan_digest(requests, self))
+    def _header(
+        self, requests: Sequence[BranchRequest], layout: list[list[Chunk]], outputs: list[Tensor], error: Any
+    ) -> Tensor:
+        header = _blank_header(self._calls, _plan_digest(requests, layout))
         header[3:5] = _input_digest(requests)
         header[5] = int(error is not None)
         header[6] = sum(o.numel() * o.element_size() for o in outputs)
@@ -443,9 +493,10 @@ def _blank_header(call: int, digest: int) -> Tensor:
     return header
 
 
-def _plan_digest(requests: Sequence[BranchRequest], evaluator: DistributedEvaluator) -> int:
+def _plan_digest(requests: Sequence[BranchRequest], layout: list[list[Chunk]]) -> int:
     described = [(r.name, len(r), r.hook is not None) for r in requests]
-    return zlib.crc32(repr((described, evaluator.balance)).encode())
+    chunks = [[(c.request, c.start, c.stop) for c in rank] for rank in layout]
+    return zlib.crc32(repr((described, chunks)).encode())
 
 
 def _input_digest(requests: Sequence[BranchRequest]) -> Tensor:
