@@ -91,6 +91,9 @@ def main_job(results: dict, errors: dict, info: dict) -> None:
             info["stats"] = handle.stats.branch_rows
     for name in ROWS_SCENARIOS:
         results[f"{name}@rows"] = scenarios.run(name, parallel=DistributedEvaluator(balance="rows"))
+    reused = DistributedEvaluator()  # attached twice; rank 1 idles at step 0 both times
+    for _ in range(2):
+        results["digits_zero_star@reused"] = scenarios.run("digits_zero_star", parallel=reused)
     expect_error(errors, "unguided", lambda: scenarios.run_unguided_digits(parallel="cfg"))
     expect_error(errors, "seed_mismatch", lambda: scenarios.run("digits_cfg", seed=RANK, parallel="cfg"))
     expect_error(

@@ -276,6 +276,13 @@ def test_rows_split_equals_its_single_process_simulation(two_ranks, name):
 
 
 @pytest.mark.distributed
+def test_an_evaluator_attached_twice_gives_the_same_images(two_ranks):
+    (results, _), (other, _) = two_ranks
+    assert torch.equal(results["digits_zero_star@reused"], results["digits_zero_star"])
+    assert torch.equal(other["digits_zero_star@reused"], results["digits_zero_star"])
+
+
+@pytest.mark.distributed
 def test_the_group_comes_from_the_torchrun_environment(two_ranks):
     (_, info0), (_, info1) = two_ranks
     assert info0["info"]["group"] == info1["info"]["group"] == "torchrun"

@@ -226,7 +226,7 @@ class SimulatedEvaluator:
 # ------------------------------------------------------------------------------ the distributed evaluator
 @dataclass
 class ParallelTimings:
-    """Where a rank's time went, summed over evaluate calls since attaching.
+    """Where a rank's time went, summed over the evaluate calls since the last ``attach``.
 
     ``evaluate_s``: its own denoiser calls; ``exchange_s``: digests, the two all-gathers (header
     and predictions) and the waiting for slower ranks inside them; ``bytes``: predictions sent.
@@ -286,6 +286,8 @@ class DistributedEvaluator:
         if self.group is None or self.group.closed:
             self.group = connect(self.requested_group, self.timeout, torch.device(model_device))
             self._exchange = Exchange(self.group, self.timeout)
+        self._ran = False  # a new attach has a new wrapper, which has not seen the denoiser's output yet
+        self.timings = ParallelTimings()
 
     def close(self) -> None:
         """Stop using the group, destroying it if it was created for this evaluator (``detach`` calls this).
