@@ -65,6 +65,9 @@ def _guider_factories() -> dict[str, Callable[[float | Schedule], Any]]:
         "CFG-Renorm": lambda s: g.RenormCFG(s, renorm=1.0, trunc=1.0),
         "Mahiro": g.SimilarityAdaptive,
         "FreSca": lambda s: g.FreSca(s, scale_low=1.0, scale_high=1.25, freq_cutoff=2),
+        # perturbation guidance on top of CFG: a third, perturbed evaluation batched with the other two
+        "CFG + PAG": lambda s: g.PerturbedAttention(s, perturbed_scale=1.0, layers="mid"),
+        "CFG + SEG": lambda s: g.SmoothedEnergy(s, perturbed_scale=1.0, layers="mid"),
     }
 
 
@@ -81,6 +84,8 @@ IMAGE_METHODS = (
     "CFG-Renorm",
     "Mahiro",
     "FreSca",
+    "CFG + PAG",
+    "CFG + SEG",
 )
 DEFAULT_SCALES = "1, 2, 3, 5"
 DEFAULT_LAMBDAS = "0.2, 0.4, 0.6, 0.8"  # CFG++'s scale is lambda in [0, 1]

@@ -168,6 +168,23 @@ def test_linear_schedule_matches_processor_form(tiny_lm):
     assert torch.equal(ours, _gen(tiny_lm, PROMPT, logits_processor=LogitsProcessorList([processor])))
 
 
+@pytest.mark.parametrize("negative", [False, True])
+def test_processor_objects_reused_across_generate_calls_match_fresh_ones(tiny_lm, negative):
+    """No reset() between calls: each generate call starts a new generation (schedule step and cache)."""
+    context = dict(context_ids=NEGATIVE) if negative else {}
+
+    def processors():
+        unconditional = ModelUnconditionalLogits(tiny_lm, **context)
+        window = Window(scale=3.0, start_step=0, end_step=4)
+        return LogitsProcessorList([CFGLogitsProcessor(1.0, unconditional, guidance_schedule=window)])
+
+    reused = processors()
+    prompts = [PROMPT, torch.tensor([[7, 3, 50, 61, 2, 9, 14, 22]]), PROMPT, torch.tensor([[5, 17]])]
+    for prompt in prompts:
+        fresh = _gen(tiny_lm, prompt, logits_processor=processors(), max_new_tokens=8)
+        assert torch.equal(_gen(tiny_lm, prompt, logits_processor=reused, max_new_tokens=8), fresh)
+
+
 def test_processor_form_matches_transformers_cfg(tiny_lm):
     processor = CFGLogitsProcessor(
         2.0, ModelUnconditionalLogits(tiny_lm, context_ids=NEGATIVE, context_attention_mask=torch.ones_like(NEGATIVE))

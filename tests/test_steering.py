@@ -476,6 +476,29 @@ def test_gedi_generate_matches_brute_force(tiny_lm, num_beams):
     assert not torch.equal(fast, _generate(tiny_lm, prompt, num_beams=num_beams, max_new_tokens=5))
 
 
+def test_gedi_passes_the_cache_under_the_versions_keyword_without_future_warnings(tiny_lm):
+    import warnings
+
+    from guidance.lm import compat
+
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append(sorted(k for k in ("cache", "past_key_values") if kwargs.get(k) is not None))
+
+    handle = tiny_lm.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        gedi = GeDiLogitsProcessor(tiny_lm, CLASS_PROMPTS, omega=2.0, pad_token_id=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)  # transformers warns on the old keyword
+            for length in (3, 4, 5):
+                gedi(torch.arange(7, 7 + length)[None], torch.zeros(1, 96))
+    finally:
+        handle.remove()
+    assert gedi.stats["prefills"] == 1  # then the cache carried the two later calls
+    assert seen == [[compat.cache_argument(tiny_lm)]] * 3  # the prefill and both steps
+
+
 def test_gedi_score_prompt_false_counts_generated_tokens_only(tiny_lm):
     gedi = GeDiLogitsProcessor(tiny_lm, CLASS_PROMPTS, omega=1.0, score_prompt=False, pad_token_id=0)
     ids = torch.tensor([[7, 8, 9]])

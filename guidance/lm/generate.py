@@ -22,6 +22,7 @@ classes. With guidance off, ``generate``'s own decoding runs instead
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,7 +37,7 @@ from guidance import ops
 from guidance.lm import compat
 from guidance.lm.batching import build_guided_batch, expand_negative_prompt
 from guidance.lm.beams import cfg_beam_search
-from guidance.lm.sampling import sample_with_generator
+from guidance.lm.sampling import GeneratorSampling, sample_with_generator
 from guidance.lm.two_branch import OutputRecord, TwoBranchForward
 from guidance.schedules import Constant, Schedule, as_schedule
 
@@ -61,6 +62,7 @@ def cfg_generate(
     cfg_negative_prompt_attention_mask: Tensor | None = None,
     cfg_streamer: Any = None,
     generator: torch.Generator | None = None,
+    cfg_fused_sampling: bool | None = None,
     **model_kwargs: Any,
 ) -> GenerateDecoderOnlyOutput | GenerateBeamDecoderOnlyOutput | LongTensor:
     """Classifier-free guidance decoding with one batched forward per token.
@@ -87,6 +89,22 @@ def cfg_generate(
       would receive the prompt and never end), so use this argument instead.
     - ``generator``: a ``torch.Generator`` to sample from instead of torch's global one
       (greedy search and sampling; see :mod:`guidance.lm.sampling`).
+    - ``cfg_fused_sampling`` (`bool`, *optional*): draw each guided token with the fused
+      combine + temperature + typical + draw step (:class:`samplers.kernels.FusedSampling`)
+      instead of the processors and ``torch.multinomial``. ``None`` (default): when sampling
+      on CUDA with Triton and the rules below allow it; ``True``: on any device, and
+      ``ValueError`` when the rules do not allow it; ``False``: never. Rules: sampling (not
+      greedy, not beams), every processor after the CFG combine is a temperature warper
+      followed by at most one typical warper (transformers adds ``top_k=50`` unless you pass
+      ``top_k=0`` or ``top_k=None``), no ``output_scores`` (the fused step computes no scores;
+      ``output_logits`` are fine). No effect with guidance off.
+
+    Seeds with fused sampling: each token costs one float64 uniform per row, drawn from
+    ``generator`` when given, else from torch's global generator (advanced, never reseeded,
+    as ``torch.multinomial`` would advance it). The same seed gives the same tokens on the
+    same device and kernel (Triton on CUDA, PyTorch elsewhere), but not the tokens that
+    ``torch.multinomial`` draws for that seed; the distribution is the same (the typical set
+    is decided exactly, see :mod:`samplers.typical`).
 
     Supported: greedy search, sampling, beam search and beam sampling (``num_beams``,
     ``num_return_sequences``, ``length_penalty``, ``early_stopping``; both branches' caches
@@ -118,6 +136,8 @@ def cfg_generate(
     if generator is not None and mode == "beam":
         raise ValueError("`generator` is supported with greedy search and sampling, not with beam search.")
     logits_processor, generation_config = sample_with_generator(generator, logits_processor, generation_config)
+    if cfg_fused_sampling is not None and not isinstance(cfg_fused_sampling, bool):
+        raise TypeError(f"`cfg_fused_sampling` must be None, True or False, got {type(cfg_fused_sampling).__name__}.")
     if cfg_negative_prompt_ids is not None:
         if negative_ids is not None:
             raise ValueError("Pass either `negative_prompt_ids` or `cfg_negative_prompt_ids`, not both.")
@@ -126,6 +146,7 @@ def cfg_generate(
     guided = any(value != 1.0 for value in scales)
     if guided:  # builds (and validates) the two-branch batch before any output
         forward = _two_branch_forward(model, input_ids, generation_config, negative_ids, negative_mask, model_kwargs)
+        draw = _fused_draw(forward, logits_processor, generation_config, cfg_fused_sampling, input_ids.device)
     if cfg_streamer is not None:
         cfg_streamer.put(input_ids.cpu())  # what generate does for its own `streamer`
     if not guided:
@@ -136,7 +157,9 @@ def cfg_generate(
     combine = _combine_fn(cfg_form)
     if mode == "beam":
         return cfg_beam_search(forward, input_ids, processors, stopping_criteria, generation_config, scales, combine)
-    return _guided_sample(forward, input_ids, processors, stopping_criteria, generation_config, streamer, scales, combine)
+    return _guided_sample(
+        forward, input_ids, processors, stopping_criteria, generation_config, streamer, scales, combine, draw
+    )
 
 
 def _combine_fn(cfg_form: str) -> Callable[[Tensor, Tensor, float], Tensor]:
@@ -291,6 +314,7 @@ def _guided_sample(
     streamer: Any,
     scales: list[float],
     combine: Callable[[Tensor, Tensor, float], Tensor],
+    draw: Callable[[Tensor, Tensor | None, float], Tensor] | None = None,
 ) -> GenerateDecoderOnlyOutput | LongTensor:
     """Greedy search or sampling on guided scores (the loop of transformers' ``_sample``, on our forward)."""
     record = OutputRecord(forward, generation_config)
@@ -300,14 +324,12 @@ def _guided_sample(
     last_guided = max(i for i, scale in enumerate(scales) if scale != 1.0)
     for step in range(len(scales) + 1):
         outputs = forward()
-        scores, cond_logits = forward.next_scores(outputs, scales[min(step, len(scales) - 1)], combine, step)
-        scores = logits_processor(input_ids, scores)
+        tokens, scores, cond_logits = _next_tokens(
+            forward, outputs, input_ids, logits_processor, generation_config, scales[min(step, len(scales) - 1)],
+            combine, step, draw,
+        )
         record.add(outputs, scores, cond_logits)
         del outputs
-        if generation_config.do_sample:
-            tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-        else:
-            tokens = torch.argmax(scores, dim=-1)
         if finishes_rows:
             tokens = tokens * unfinished + pad * (1 - unfinished)
         input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
@@ -330,3 +352,66 @@ def _guided_sample(
         attentions=record.attentions,
         hidden_states=record.hidden_states,
     )
+
+
+def _next_tokens(
+    forward: TwoBranchForward,
+    outputs: Any,
+    input_ids: LongTensor,
+    logits_processor: LogitsProcessorList,
+    generation_config: GenerationConfig,
+    scale: float,
+    combine: Callable[[Tensor, Tensor, float], Tensor],
+    step: int,
+    draw: Callable[[Tensor, Tensor | None, float], Tensor] | None,
+) -> tuple[LongTensor, Tensor | None, Tensor]:
+    """``(tokens, processed scores or None, conditional logits)`` of one step of the sampling loop."""
+    if draw is not None:  # fused combine + warpers + draw: no scores
+        cond, uncond = forward.next_logits(outputs, step)
+        return draw(cond, uncond, scale), None, cond
+    scores, cond = forward.next_scores(outputs, scale, combine, step)
+    scores = logits_processor(input_ids, scores)
+    if generation_config.do_sample:
+        return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1), scores, cond
+    return torch.argmax(scores, dim=-1), scores, cond
+
+
+def _fused_draw(
+    forward: Any,
+    processors: LogitsProcessorList,
+    generation_config: GenerationConfig,
+    requested: bool | None,
+    device: torch.device,
+) -> Callable[[Tensor, Tensor | None, float], Tensor] | None:
+    """The fused draw for the guided sampling loop, or None to keep processors + ``torch.multinomial``.
+
+    A trailing :class:`GeneratorSampling` (the user's ``generator=``) is taken apart: the fused
+    step draws its uniforms from that generator instead. Both CFG forms fuse: they differ by a
+    constant per row, which temperature and the typical filter do not see.
+    """
+    if requested is False:
+        return None
+    from samplers.kernels import fused_warpers_supported, uses_triton
+
+    generator = None
+    if processors and isinstance(processors[-1], GeneratorSampling):
+        generator, processors = processors[-1].generator, processors[:-1]
+    sampling = generation_config.do_sample or generator is not None
+    fused = fused_warpers_supported(processors) if sampling else None
+    why = None
+    if not sampling or generation_config.get_generation_mode().value.startswith("beam"):
+        why = "it applies to sampling only (do_sample=True, num_beams=1)"
+    elif fused is None:
+        names = ", ".join(type(p).__name__ for p in processors)
+        why = f"it fuses a temperature warper then at most one typical warper, got [{names}] (pass top_k=0?)"
+    elif generation_config.return_dict_in_generate and generation_config.output_scores:
+        why = "the fused step computes no scores for output_scores"
+    elif not isinstance(forward, TwoBranchForward):
+        why = f"it needs both branches' logits at every step, which {type(forward).__name__} does not give"
+    if why is not None:
+        if requested:
+            raise ValueError(f"`cfg_fused_sampling=True` cannot be honoured: {why}.")
+        return None
+    if requested is None and not uses_triton(torch.empty((1, 1), device=device)):  # CPU: see benchmarks/fused_step.py
+        return None
+    return functools.partial(fused.sample, generator=generator)

@@ -18,6 +18,7 @@ from transformers import DynamicCache, LogitsProcessor
 
 from guidance import ops
 from guidance.lm import compat
+from guidance.lm.generation_state import GenerationTracker
 from guidance.schedules import Schedule, as_schedule
 
 __all__ = ["CFGLogitsProcessor", "ModelUnconditionalLogits"]
@@ -28,6 +29,9 @@ class ModelUnconditionalLogits:
 
     Called once per decoding step with the current sequences; it feeds the model the
     tokens generated since its last call, so each step costs one single-token forward.
+    A call that does not continue the previous one (another prompt or batch, see
+    :mod:`guidance.lm.generation_state`) starts over from the context, so one object serves
+    several ``generate`` calls.
 
     Args:
         model: a transformers causal LM whose vocabulary matches the guided model's.
@@ -57,14 +61,19 @@ class ModelUnconditionalLogits:
         self.reset()
 
     def reset(self) -> None:
-        """Forget the cache (call between independent ``generate`` calls)."""
+        """Forget the cache. Needed only between ``generate`` calls that the rule of
+        :mod:`guidance.lm.generation_state` cannot tell apart (a prompt that is the previous
+        call's sequences plus one token)."""
         self._cache: DynamicCache | None = None
         self._mask: Tensor | None = None
         self._seen: int = 0
+        self._tracker = GenerationTracker()
 
     @torch.no_grad()
     def __call__(self, input_ids: LongTensor) -> Tensor:
         device = next(self.model.parameters()).device
+        if self._tracker.update(input_ids):  # a new generation: start from the context again
+            self._cache = None
         if self._cache is None:
             rows = input_ids.shape[0]
             if self.context_ids is None:
@@ -143,13 +152,11 @@ class CFGLogitsProcessor(LogitsProcessor):
         self.unconditional_logits = unconditional_logits
         self.combine = ops.cfg_log_probs if cfg_form == "log_probs" else ops.cfg_logits
         self.num_steps = num_steps
-        self._prompt_length: int | None = None
+        self._tracker = GenerationTracker()  # the schedule's step counts from each generation's prompt
 
     def __call__(self, input_ids: LongTensor, scores: Tensor) -> Tensor:
-        if self._prompt_length is None or input_ids.shape[1] < self._prompt_length:
-            self._prompt_length = input_ids.shape[1]
-        step = input_ids.shape[1] - self._prompt_length
-        scale = float(self.schedule(step, self.num_steps, None))
+        self._tracker.update(input_ids)
+        scale = float(self.schedule(self._tracker.step, self.num_steps, None))
         ops.validate_scale(scale, "guidance_schedule(step)")
         uncond = self.unconditional_logits(input_ids)
         if uncond.shape != scores.shape:

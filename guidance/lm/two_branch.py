@@ -64,11 +64,15 @@ class TwoBranchForward:
         Once guidance is off the scores are the conditional logits themselves. ``step`` (the
         generated token's index) only names the step in the error raised for NaN logits.
         """
+        cond, uncond = self.next_logits(outputs, step)
+        return (cond if uncond is None else combine(cond, uncond, scale)), cond
+
+    def next_logits(self, outputs: Any, step: int) -> tuple[Tensor, Tensor | None]:
+        """``(conditional, unconditional)`` next-token logits in float32; ``None`` once guidance is off."""
         logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=self._mask.device)
         if bool(torch.isnan(logits).any()):
             raise ValueError(f"The model produced NaN logits at generated token {step}; guidance cannot be applied.")
-        cond, uncond = self.split(logits)
-        return (cond if uncond is None else combine(cond, uncond, scale)), cond
+        return self.split(logits)
 
     def split(self, logits: Tensor) -> tuple[Tensor, Tensor | None]:
         """``(conditional, unconditional)`` rows of a ``(rows, ...)`` output; ``None`` once guidance is off."""

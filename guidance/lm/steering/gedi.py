@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 from torch import LongTensor, Tensor
-from transformers import LogitsProcessor, PreTrainedModel
+from transformers import DynamicCache, LogitsProcessor, PreTrainedModel
 
 from guidance.classifier import gedi_class_log_probs, gedi_logits
+from guidance.lm import compat
 from guidance.lm.generation_state import GenerationTracker
 from guidance.lm.padding import left_pad
 from guidance.lm.steering.classifiers import model_device
@@ -184,6 +185,7 @@ class GeDiLogitsProcessor(LogitsProcessor):
         self.pad_token_id = pad_token_id
         self.stats = {"steps": 0, "prefills": 0, "reorders": 0}
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(class_lm.forward).parameters
+        self._cache_argument = compat.cache_argument(class_lm)  # `cache` or `past_key_values`, by version
         self._state: _ClassLMState | None = None
         self._tracker = GenerationTracker()
 
@@ -256,18 +258,20 @@ class GeDiLogitsProcessor(LogitsProcessor):
         lengths = torch.tensor([len(content) for content in contents]).repeat(self.num_classes)
         longest = int(lengths.max())
         one_pass = self.score_prompt and self._rows_per_pass(longest) >= len(sequences)
+        cache = DynamicCache(config=self.class_lm.config)  # filled in place by every forward
         out = self._forward(
             longest + 1 if one_pass else 1,
             input_ids=ids,
             attention_mask=mask,
             position_ids=position_ids,
             use_cache=True,
+            **{self._cache_argument: cache},
         )
         prefix_ll = self._prompt_log_likelihood(out, (ids, mask, position_ids), lengths, one_pass)
         logits = out.logits[:, -1].float()
         counts = lengths[:batch].to(torch.float32) if self.score_prompt else torch.zeros(batch)
         self._state = _ClassLMState(
-            cache=out.past_key_values,
+            cache=cache,
             mask=mask,
             position=position_ids[:, -1],
             next_log_probs=torch.log_softmax(logits, dim=-1).view(self.num_classes, batch, -1),
@@ -289,10 +293,9 @@ class GeDiLogitsProcessor(LogitsProcessor):
             input_ids=step_ids,
             attention_mask=state.mask,
             position_ids=state.position[:, None],
-            past_key_values=state.cache,
             use_cache=True,
+            **{self._cache_argument: state.cache},
         )
-        state.cache = out.past_key_values
         state.next_log_probs = torch.log_softmax(out.logits[:, -1].float(), dim=-1).view(
             self.num_classes, input_ids.shape[0], -1
         )
