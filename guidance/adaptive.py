@@ -46,6 +46,17 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from guidance.tensors import pow2_scale, work_dtype
+from guidance.validation import (
+    check_dims,
+    check_dims_setting,
+    check_int,
+    check_optional_int,
+    check_range,
+    check_same_shape,
+    check_tensor,
+)
+
 __all__ = [
     "cosine_similarity",
     "UncondPolicy",
@@ -56,21 +67,21 @@ __all__ = [
 Dims = int | tuple[int, ...] | None
 
 
-def _reduce_dims(x: Tensor, dims: Dims) -> list[int]:
-    if dims is None:
-        return list(range(1, x.ndim))
-    dims = (dims,) if isinstance(dims, int) else tuple(dims)
-    if any(d == 0 or d == -x.ndim for d in dims):
-        raise ValueError(f"`dims` must not include the batch dimension 0, got {dims}.")
-    return list(dims)
-
-
 def cosine_similarity(cond: Tensor, uncond: Tensor, dims: Dims = None) -> Tensor:
     """Per-sample cosine similarity ``<c, u> / (||c|| ||u||)`` over all non-batch dimensions (or ``dims``).
 
-    Returns a ``(B,)`` tensor in float32 (float64 for float64 inputs). Zero norms never give
-    NaN: two zero vectors are identical (similarity 1), a zero vector and a non-zero one are
-    orthogonal (similarity 0). The result is clamped to ``[-1, 1]``.
+    Args:
+        cond (Tensor): ``(B, ...)`` floating-point tensor with at least 2 dimensions.
+        uncond (Tensor): same shape.
+        dims (int | tuple[int, ...] | None): the reduction dimensions (never the batch dimension 0);
+            ``None``: all non-batch dimensions. Dimensions left over are averaged.
+
+    Returns:
+        Tensor: ``(B,)`` similarities in ``[-1, 1]``, float32 (float64 for float64 inputs). Both vectors
+        are power-of-two scaled first (exact), so the result does not depend on their magnitude
+        (1e-30 and 1e20 work like 1). Zero norms never give NaN: two zero vectors are identical
+        (similarity 1), a zero vector and a non-zero one are orthogonal (0). Values are not
+        inspected: NaN inputs give NaN.
 
     Example:
         >>> import torch
@@ -78,17 +89,13 @@ def cosine_similarity(cond: Tensor, uncond: Tensor, dims: Dims = None) -> Tensor
         >>> cosine_similarity(torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([[2.0, 0.0], [0.0, 0.0]]))
         tensor([1., 1.])
     """
-    if cond.shape != uncond.shape:
-        raise ValueError(
-            f"`cond` and `uncond` must have the same shape, got {tuple(cond.shape)} and {tuple(uncond.shape)}."
-        )
-    if cond.ndim < 2:
-        raise ValueError(
-            f"`cond` must have a batch dimension and at least one more, got shape {tuple(cond.shape)}."
-        )
-    dtype = torch.promote_types(cond.dtype, torch.float32)
-    c, u = cond.to(dtype), uncond.to(dtype)
-    reduce = _reduce_dims(c, dims)
+    check_tensor(cond, "cond", floating=True, min_ndim=2)
+    check_tensor(uncond, "uncond", floating=True)
+    check_same_shape(cond, uncond, "cond", "uncond")
+    reduce = check_dims(dims, cond.ndim)
+    dtype = work_dtype(cond)
+    c, _ = pow2_scale(cond.to(dtype), reduce)
+    u, _ = pow2_scale(uncond.to(dtype), reduce)
     dot = (c * u).sum(dim=reduce)
     norm_c = c.square().sum(dim=reduce).sqrt()
     norm_u = u.square().sum(dim=reduce).sqrt()
@@ -101,17 +108,31 @@ def cosine_similarity(cond: Tensor, uncond: Tensor, dims: Dims = None) -> Tensor
     return cos
 
 
+def _check_step(step: int, num_steps: int | None) -> int:
+    check_optional_int(num_steps, "num_steps", minimum=1)
+    return check_int(step, "step", minimum=0)
+
+
 @runtime_checkable
 class UncondPolicy(Protocol):
-    """Decides per step and per sample whether the unconditional prediction is still evaluated."""
+    """Decides per step and per sample whether the unconditional prediction is still evaluated.
 
-    def reset(self) -> None: ...
+    Implemented by :class:`AdaptiveGuidance` and :class:`RatioCutoff`.
 
-    def needs_uncond(self, step: int, num_steps: int | None, batch_size: int) -> Tensor: ...
+    Example:
+        >>> from guidance.adaptive import RatioCutoff, UncondPolicy
+        >>> isinstance(RatioCutoff(0.5), UncondPolicy)
+        True
+    """
 
-    def update(
-        self, step: int, cond: Tensor, uncond: Tensor, rows: Tensor | None = None
-    ) -> Tensor | None: ...
+    def reset(self) -> None:
+        """Start of a sampling run."""
+
+    def needs_uncond(self, step: int, num_steps: int | None, batch_size: int) -> Tensor:
+        """``(B,)`` bool mask: ``step`` (int ``>= 0``), ``num_steps`` (int ``>= 1`` or ``None``), ``batch_size`` (int ``>= 1``)."""
+
+    def update(self, step: int, cond: Tensor, uncond: Tensor, rows: Tensor | None = None) -> Tensor | None:
+        """After a step: ``step`` (int ``>= 0``), ``cond``/``uncond`` of the evaluated samples, ``rows`` their mask."""
 
 
 class AdaptiveGuidance:
@@ -139,21 +160,9 @@ class AdaptiveGuidance:
     """
 
     def __init__(self, threshold: float = 0.99, *, min_steps: int = 0, dims: Dims = None):
-        if (
-            isinstance(threshold, bool)
-            or not isinstance(threshold, (int, float))
-            or not math.isfinite(threshold)
-        ):
-            raise ValueError(f"`threshold` must be a number in [-1, 1], got {threshold!r}.")
-        if not -1.0 <= threshold <= 1.0:
-            raise ValueError(
-                f"`threshold` must be in [-1, 1] (cosine similarity; typical 0.99 to 1.0), got {threshold}."
-            )
-        if isinstance(min_steps, bool) or not isinstance(min_steps, int) or min_steps < 0:
-            raise ValueError(f"`min_steps` must be an integer >= 0, got {min_steps!r}.")
-        self.threshold = float(threshold)
-        self.min_steps = min_steps
-        self.dims = dims
+        self.threshold = check_range(threshold, "threshold", -1.0, 1.0)
+        self.min_steps = check_int(min_steps, "min_steps", minimum=0)
+        self.dims = check_dims_setting(dims)
         self.reset()
 
     def reset(self) -> None:
@@ -168,8 +177,7 @@ class AdaptiveGuidance:
         return self._passed
 
     def _ensure_batch(self, batch_size: int) -> Tensor:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
+        batch_size = check_int(batch_size, "batch_size", minimum=1)
         if self._passed is None:
             self._passed = torch.zeros(batch_size, dtype=torch.bool)
             self.passed_at = [None] * batch_size
@@ -181,20 +189,37 @@ class AdaptiveGuidance:
         return self._passed
 
     def needs_uncond(self, step: int, num_steps: int | None, batch_size: int) -> Tensor:
-        """``(B,)`` bool mask of the samples whose unconditional prediction is still needed at ``step``."""
+        """``(B,)`` bool mask (CPU) of the samples whose unconditional prediction is still needed at ``step``.
+
+        Args:
+            step (int): the step, an integer ``>= 0``.
+            num_steps (int | None): total number of steps (unused; ``None`` or an integer ``>= 1``).
+            batch_size (int): number of samples, an integer ``>= 1``, fixed within a run.
+        """
+        _check_step(step, num_steps)
         return ~self._ensure_batch(batch_size)
 
     def update(self, step: int, cond: Tensor, uncond: Tensor, rows: Tensor | None = None) -> Tensor:
         """Record ``cos(c, u)`` of the evaluated samples and retire those above the threshold.
 
-        ``cond`` and ``uncond`` hold the samples selected by the bool mask ``rows`` (all samples
-        when ``rows`` is ``None``). Returns their similarities.
+        Args:
+            step (int): the step just computed, an integer ``>= 0``.
+            cond (Tensor): conditional predictions of the evaluated samples, ``(n, ...)``.
+            uncond (Tensor): their unconditional predictions, same shape.
+            rows (Tensor | None): ``(B,)`` bool mask of the evaluated samples (``None``: all).
+
+        Returns:
+            Tensor: the similarities of the evaluated samples. A NaN similarity never retires a sample.
         """
+        _check_step(step, None)
         if rows is None:
             passed = self._ensure_batch(cond.shape[0])
             rows = torch.ones_like(passed)
         else:
-            rows = rows.to(device="cpu", dtype=torch.bool)
+            check_tensor(rows, "rows")
+            if rows.dtype != torch.bool or rows.ndim != 1:
+                raise ValueError(f"`rows` must be a (B,) bool mask, got {rows.dtype} of shape {tuple(rows.shape)}.")
+            rows = rows.to(device="cpu")
             passed = self._ensure_batch(rows.numel())
             if int(rows.sum()) != cond.shape[0]:
                 raise ValueError(
@@ -237,17 +262,12 @@ class RatioCutoff:
     def __init__(self, ratio: float | None = None, *, step: int | None = None):
         if (ratio is None) == (step is None):
             raise ValueError("Give exactly one of `ratio` (in [0, 1]) and `step` (an integer >= 0).")
-        if ratio is not None:
-            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
-                raise ValueError(f"`ratio` must be a number in [0, 1], got {ratio!r}.")
-            ratio = float(ratio)
-        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-            raise ValueError(f"`step` must be an integer >= 0, got {step!r}.")
-        self.ratio = ratio
-        self.step = step
+        self.ratio = None if ratio is None else check_range(ratio, "ratio", 0.0, 1.0)
+        self.step = check_optional_int(step, "step", minimum=0)
 
     def cutoff_step(self, num_steps: int | None) -> int:
-        """The last guided step."""
+        """The last guided step (``num_steps``: ``None`` or an integer ``>= 1``; needed with ``ratio``)."""
+        num_steps = check_optional_int(num_steps, "num_steps", minimum=1)
         if self.step is not None:
             return self.step
         if num_steps is None:
@@ -255,12 +275,22 @@ class RatioCutoff:
         return int(num_steps * self.ratio)
 
     def reset(self) -> None:
-        pass
+        """Nothing to reset: the rule depends on the step only."""
 
     def needs_uncond(self, step: int, num_steps: int | None, batch_size: int) -> Tensor:
+        """``(B,)`` bool mask (CPU), the same for every sample: ``step <= cutoff_step(num_steps)``.
+
+        Args:
+            step (int): the step, an integer ``>= 0``.
+            num_steps (int | None): total number of steps, an integer ``>= 1`` (needed with ``ratio``).
+            batch_size (int): number of samples, an integer ``>= 1``.
+        """
+        step = _check_step(step, num_steps)
+        batch_size = check_int(batch_size, "batch_size", minimum=1)
         return torch.full((batch_size,), step <= self.cutoff_step(num_steps), dtype=torch.bool)
 
     def update(self, step: int, cond: Tensor, uncond: Tensor, rows: Tensor | None = None) -> None:
+        """Nothing to record (the arguments ``step``, ``cond``, ``uncond``, ``rows`` are ignored)."""
         return None
 
     def __repr__(self) -> str:

@@ -25,6 +25,11 @@ logits"):
 Probabilities are clamped to the smallest normal float before the log, so a classifier that
 answers exactly 0 gives a large finite penalty (or, with a negative weight, bonus), never
 ``inf`` or NaN. ``-inf`` (masked) scores stay ``-inf``.
+
+Contract shared by the functions here: scores and log-probabilities are finite numbers or
+``-inf``; NaN or ``+inf`` raises ``ValueError`` naming the argument (one device sync per call:
+these functions run next to a classifier, which synchronises anyway). Weights (``alpha``,
+``omega``) are finite numbers; wrong types raise ``TypeError``.
 """
 
 from __future__ import annotations
@@ -36,7 +41,15 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from guidance.validation import check_finite, check_int
+from guidance.validation import (
+    check_bool,
+    check_finite,
+    check_int,
+    check_logits,
+    check_no_nan,
+    check_range,
+    check_tensor,
+)
 
 __all__ = [
     "OUTSIDE_TOP_K",
@@ -65,12 +78,12 @@ _PROB_TOLERANCE = 1e-4
 
 
 def validate_top_k(top_k: int, vocab_size: int | None = None, name: str = "top_k") -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``top_k`` is an integer with ``1 <= top_k <= vocab_size``.
+    """Raise unless ``1 <= top_k <= vocab_size``: ``TypeError`` for a non-integer, ``ValueError`` naming ``name``.
 
     Args:
-        top_k (`int`): the number of candidates.
-        vocab_size (`int`, *optional*): the upper bound; ``None`` checks ``top_k >= 1`` only.
-        name (`str`): the argument's name in the message.
+        top_k (int): the number of candidates.
+        vocab_size (int | None): the vocabulary size, if known.
+        name (str): the argument's name for the error message.
 
     Example:
         >>> from guidance.classifier import validate_top_k
@@ -79,9 +92,19 @@ def validate_top_k(top_k: int, vocab_size: int | None = None, name: str = "top_k
         ...
         ValueError: `top_k` must be at most the vocabulary size 3, got 5.
     """
-    check_int(top_k, name, minimum=1)
+    top_k = check_int(top_k, name, minimum=1)
     if vocab_size is not None and top_k > vocab_size:
         raise ValueError(f"`{name}` must be at most the vocabulary size {vocab_size}, got {top_k}.")
+
+
+def _check_scores(**named: Tensor | None) -> None:
+    """Floating tensors of finite numbers or ``-inf``; one device sync for all of them."""
+    present = {name: check_tensor(value, name, floating=True) for name, value in named.items() if value is not None}
+    device = next(iter(present.values())).device
+    flags = [(torch.isnan(v) | torch.isposinf(v)).any().to(device) for v in present.values()]
+    if bool(torch.stack(flags).any()):
+        for name, value in present.items():
+            check_logits(value, name)
 
 
 def as_probabilities(
@@ -89,21 +112,25 @@ def as_probabilities(
 ) -> Tensor:
     """Check a classifier's answer for ``num_texts`` texts; return ``p(attribute)`` as ``(N,)`` float32.
 
-    Args:
-        output: the classifier's answer: a tensor, array or nested list of shape ``(N,)`` or
-            ``(N, 1)`` (the attribute's probability) or ``(N, C)`` (one column per class).
-        num_texts (`int`): ``N``, the number of texts classified.
-        label (`int`, *optional*): the attribute's column in ``[-C, C)``, required for ``(N, C)``.
-        name (`str`): the classifier's name in messages.
+    Accepts shape ``(N,)`` or ``(N, 1)`` (the attribute's probability) or ``(N, C)`` with
+    ``label`` picking the attribute's column. Raises ``ValueError`` naming ``name`` for a
+    wrong shape, NaN/inf, or values outside ``[0, 1]`` (beyond a round-off tolerance of 1e-4;
+    values within it are clamped).
 
-    Raises ``ValueError`` naming ``name`` for a wrong shape, NaN or infinity anywhere in the
-    answer, or values outside ``[0, 1]`` (beyond float round-off, which is clamped).
+    Args:
+        output (Any): the classifier's answer (tensor, array or nested list of real numbers).
+        num_texts (int): how many texts were classified, an integer ``>= 0``.
+        label (int | None): the attribute's column for ``(N, C)`` answers, in ``[-C, C)``.
+        name (str): what to call the classifier in error messages.
 
     Example:
         >>> from guidance.classifier import as_probabilities
         >>> as_probabilities([[0.2, 0.8], [0.9, 0.1]], 2, label=1)
         tensor([0.8000, 0.1000])
     """
+    num_texts = check_int(num_texts, "num_texts", minimum=0)
+    if label is not None:
+        label = check_int(label, "label")
     try:
         probs = torch.as_tensor(output)
     except (TypeError, ValueError, RuntimeError) as error:
@@ -141,7 +168,10 @@ def as_probabilities(
 
 
 def attribute_log_probs(probs: Tensor) -> Tensor:
-    """``log p`` with ``p`` (any shape, values in ``[0, 1]``) clamped to the smallest normal float32: always finite.
+    """``log p`` with ``p`` clamped to ``[tiny, 1]`` (``tiny`` the smallest normal float32), so it is always finite.
+
+    Args:
+        probs (Tensor): probabilities, a real tensor of any shape (NaN raises ``ValueError``).
 
     Example:
         >>> import torch
@@ -149,21 +179,30 @@ def attribute_log_probs(probs: Tensor) -> Tensor:
         >>> attribute_log_probs(torch.tensor([1.0, 0.0]))
         tensor([  0.0000, -87.3365])
     """
-    return torch.log(probs.to(torch.float32).clamp(min=_MIN_PROB, max=1.0))
+    check_tensor(probs, "probs")
+    probs = check_no_nan(probs.to(torch.float32), "probs")
+    return torch.log(probs.clamp(min=_MIN_PROB, max=1.0))
 
 
 def entropy(scores: Tensor) -> Tensor:
     """Entropy in nats of ``softmax(scores)`` over the last dim; ``-inf`` entries count as 0.
 
+    Args:
+        scores (Tensor): ``(..., V)`` floating scores, finite or ``-inf`` (NaN/``+inf``: ``ValueError``).
+
+    Returns:
+        Tensor: ``(...)`` entropies in float32 at least; a row masked everywhere has entropy 0.
+
     Example:
-        >>> import math, torch
+        >>> import torch
         >>> from guidance.classifier import entropy
-        >>> entropy(torch.tensor([[0.0, 0.0, -math.inf]]))  # two equally likely tokens: log 2
-        tensor([0.6931])
+        >>> entropy(torch.tensor([[0.0, 0.0], [0.0, -float("inf")]]))
+        tensor([0.6931, 0.0000])
     """
+    _check_scores(scores=scores)
     log_p = torch.log_softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
     p = log_p.exp()
-    return -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(dim=-1)
+    return -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(dim=-1) + 0.0  # + 0.0: no -0.0
 
 
 def top_k_candidates(scores: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
@@ -173,15 +212,16 @@ def top_k_candidates(scores: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
     they need not be scored: they stay ``-inf`` whatever the classifier says.
 
     Args:
-        scores (`Tensor`): ``(B, V)`` next-token scores.
-        top_k (`int`): candidates per row, ``1 <= top_k <= V``.
+        scores (Tensor): ``(..., V)`` floating scores, finite or ``-inf`` (NaN/``+inf``: ``ValueError``).
+        top_k (int): the number of candidates, in ``[1, V]``.
 
     Example:
-        >>> import math, torch
+        >>> import torch
         >>> from guidance.classifier import top_k_candidates
-        >>> top_k_candidates(torch.tensor([[0.5, 2.0, -math.inf]]), 2)
+        >>> top_k_candidates(torch.tensor([[0.0, 2.0, -float("inf")]]), 2)
         (tensor([[1, 0]]), tensor([[True, True]]))
     """
+    _check_scores(scores=scores)
     validate_top_k(top_k, scores.shape[-1])
     values, indices = torch.topk(scores, top_k, dim=-1)
     return indices, torch.isfinite(values)
@@ -204,13 +244,16 @@ def classifier_weighted_logits(
         candidate_ids: ``(B, K)`` token ids whose ``prefix + token`` texts were classified.
         candidate_log_probs: ``(B, K)`` ``log p(attribute | prefix + token)`` (see
             :func:`attribute_log_probs`).
-        alpha: classifier weight; negative steers away; ``0`` returns ``scores`` unchanged.
+        alpha: classifier weight, a finite number; negative steers away; ``0`` returns ``scores`` itself.
         outside_top_k: ``"remove"`` (default, CAIF/FUDGE) sets every other token to
             ``filter_value``; ``"prefix"`` keeps them and adds ``alpha * prefix_log_probs``.
         prefix_log_probs: ``(B,)`` ``log p(attribute | prefix)``, needed for ``"prefix"``.
-        filter_value: the score of removed tokens.
+        filter_value: the score of removed tokens, a number (``-inf`` allowed; NaN and ``+inf`` not).
 
-    Returns float32 (or wider) scores; ``-inf`` candidates stay ``-inf``.
+    ``candidate_ids`` must be integer ids in ``[0, V)`` without repeats in a row (``ValueError``).
+    Log-probabilities are clamped below at ``log(tiny)`` as in :func:`attribute_log_probs`, so a
+    weight times a log-probability is always finite. Returns float32 (or wider) scores; ``-inf``
+    scores stay ``-inf``.
 
     Example:
         >>> import torch
@@ -220,31 +263,58 @@ def classifier_weighted_logits(
         >>> classifier_weighted_logits(scores, ids, log_p, alpha=1.0)
         tensor([[0.6137, 1.0000,   -inf]])
     """
-    check_finite(alpha, "alpha")
+    alpha = check_finite(alpha, "alpha")
     if outside_top_k not in OUTSIDE_TOP_K:
         raise ValueError(f"`outside_top_k` must be one of {OUTSIDE_TOP_K}, got {outside_top_k!r}.")
+    filter_value = check_range(filter_value, "filter_value", -math.inf, math.inf, hi_open=True)
+    check_tensor(scores, "scores", floating=True)
     if scores.ndim != 2:
         raise ValueError(f"`scores` must have shape (batch, vocab), got {tuple(scores.shape)}.")
-    if candidate_ids.shape != candidate_log_probs.shape or candidate_ids.shape[0] != scores.shape[0]:
+    check_tensor(candidate_ids, "candidate_ids")
+    if candidate_ids.is_floating_point() or candidate_ids.is_complex() or candidate_ids.dtype == torch.bool:
+        raise TypeError(f"`candidate_ids` must be an integer tensor, got dtype {candidate_ids.dtype}.")
+    check_tensor(candidate_log_probs, "candidate_log_probs", floating=True)
+    if candidate_ids.shape != candidate_log_probs.shape or candidate_ids.ndim != 2 or candidate_ids.shape[0] != scores.shape[0]:
         raise ValueError(
             f"`candidate_ids` {tuple(candidate_ids.shape)} and `candidate_log_probs` "
             f"{tuple(candidate_log_probs.shape)} must both be (batch={scores.shape[0]}, k)."
         )
+    if outside_top_k == "prefix" and (
+        not isinstance(prefix_log_probs, Tensor) or prefix_log_probs.shape != (scores.shape[0],)
+    ):
+        raise ValueError(
+            f"`prefix_log_probs` of shape ({scores.shape[0]},) is required with outside_top_k='prefix'."
+        )
+    _check_candidate_ids(candidate_ids, scores.shape[-1])
+    _check_scores(
+        scores=scores,
+        candidate_log_probs=candidate_log_probs,
+        prefix_log_probs=prefix_log_probs if outside_top_k == "prefix" else None,
+    )
     if alpha == 0:
         return scores
     dtype = torch.promote_types(scores.dtype, torch.float32)
     scores = scores.to(dtype)
-    bonus = alpha * candidate_log_probs.to(device=scores.device, dtype=dtype)
+    floor = math.log(_MIN_PROB)
+    bonus = alpha * candidate_log_probs.to(device=scores.device, dtype=dtype).clamp(min=floor)
     guided_candidates = scores.gather(-1, candidate_ids) + bonus
     if outside_top_k == "remove":
         out = torch.full_like(scores, filter_value)
     else:
-        if prefix_log_probs is None or prefix_log_probs.shape != (scores.shape[0],):
-            raise ValueError(
-                f"`prefix_log_probs` of shape ({scores.shape[0]},) is required with outside_top_k='prefix'."
-            )
-        out = scores + alpha * prefix_log_probs.to(device=scores.device, dtype=dtype)[:, None]
+        prefix = prefix_log_probs.to(device=scores.device, dtype=dtype).clamp(min=floor)
+        out = scores + alpha * prefix[:, None]
     return out.scatter(-1, candidate_ids, guided_candidates)
+
+
+def _check_candidate_ids(candidate_ids: Tensor, vocab_size: int) -> None:
+    if candidate_ids.numel() == 0:
+        return
+    low, high = int(candidate_ids.min()), int(candidate_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"`candidate_ids` must be token ids in [0, {vocab_size}), got values in [{low}, {high}].")
+    ordered = candidate_ids.sort(dim=-1).values
+    if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+        raise ValueError("`candidate_ids` must not repeat a token within a row.")
 
 
 def gedi_class_log_probs(
@@ -260,18 +330,21 @@ def gedi_class_log_probs(
 
     Args:
         next_token_log_probs: ``(C, B, V)`` ``log P(v | prefix, class)`` from the
-            class-conditional LM (log-softmaxed over ``V``).
+            class-conditional LM (log-softmaxed over ``V``); finite or ``-inf``.
         prefix_log_likelihood: ``(C, B)`` ``sum_j log P(x_j | x_<j, class)`` over the
-            prefix tokens scored so far.
-        num_prefix_tokens: how many tokens that sum covers (int or ``(B,)``); the score is
-            divided by ``num_prefix_tokens + 1`` when ``length_normalize``.
-        class_bias: ``(C,)`` added after normalisation (GeDi's ``bias``/``class_bias``; a
-            log prior over classes). Default: none (uniform prior).
-        logit_scale: GeDi's ``logit_scale`` multiplying the normalised log-likelihoods.
+            prefix tokens scored so far; finite or ``-inf``.
+        num_prefix_tokens: how many tokens that sum covers, an integer ``>= 0`` or a ``(B,)``
+            tensor of counts ``>= 0``; the score is divided by ``num_prefix_tokens + 1`` when
+            ``length_normalize``.
+        class_bias: ``(C,)`` finite numbers added after normalisation (GeDi's ``bias``/``class_bias``;
+            a log prior over classes). Default: none (uniform prior).
+        logit_scale: GeDi's ``logit_scale`` multiplying the normalised log-likelihoods, a finite number
+            ``>= 0`` (``0``: the likelihoods carry no weight, the posterior is the prior among the classes
+            that can produce the token; negative values would favour the impossible classes).
         length_normalize: divide by the number of scored tokens (GeDi's default).
 
     Returns ``(C, B, V)`` log-probabilities that sum to one over ``C``. A token that every
-    class LM gives ``-inf`` gets the prior ``log_softmax(class_bias)``.
+    class LM gives ``-inf`` gets the prior ``log_softmax(class_bias)`` (never NaN).
 
     Example:
         >>> import torch
@@ -282,6 +355,7 @@ def gedi_class_log_probs(
         <BLANKLINE>
                 [[0.1667, 0.6429]]])
     """
+    check_tensor(next_token_log_probs, "next_token_log_probs", floating=True)
     if next_token_log_probs.ndim != 3:
         raise ValueError(
             f"`next_token_log_probs` must be (classes, batch, vocab), got {tuple(next_token_log_probs.shape)}."
@@ -289,31 +363,55 @@ def gedi_class_log_probs(
     num_classes, batch = next_token_log_probs.shape[:2]
     if num_classes < 2:
         raise ValueError(f"GeDi needs at least 2 classes, got {num_classes}.")
+    check_tensor(prefix_log_likelihood, "prefix_log_likelihood", floating=True)
     if prefix_log_likelihood.shape != (num_classes, batch):
         raise ValueError(
             f"`prefix_log_likelihood` must be ({num_classes}, {batch}), got {tuple(prefix_log_likelihood.shape)}."
         )
-    check_finite(logit_scale, "logit_scale")
+    logit_scale = check_range(logit_scale, "logit_scale", 0.0, math.inf, hi_open=True)
+    check_bool(length_normalize, "length_normalize")
     dtype = torch.promote_types(next_token_log_probs.dtype, torch.float32)
     device = next_token_log_probs.device
+    count = _prefix_counts(num_prefix_tokens, batch, device, dtype)
+    bias = _class_bias(class_bias, num_classes, device, dtype)
+    _check_scores(next_token_log_probs=next_token_log_probs, prefix_log_likelihood=prefix_log_likelihood)
     total = prefix_log_likelihood.to(device=device, dtype=dtype)[..., None] + next_token_log_probs.to(dtype)
     if length_normalize:
-        count = torch.as_tensor(num_prefix_tokens, device=device, dtype=dtype) + 1
-        total = total / (count.reshape(1, -1, 1) if count.ndim == 1 else count)
-    if logit_scale != 1:
-        total = total * logit_scale
-    bias = torch.zeros(num_classes, device=device, dtype=dtype)
-    if class_bias is not None:
-        bias = torch.as_tensor(class_bias, device=device, dtype=dtype)
-        if bias.shape != (num_classes,) or not bool(torch.isfinite(bias).all()):
-            raise ValueError(f"`class_bias` must be {num_classes} finite numbers, got {bias.tolist()}.")
-        total = total + bias[:, None, None]
-    posterior = torch.log_softmax(total, dim=0)
+        total = total / count
+    if logit_scale != 1:  # a class with no likelihood stays impossible, also at logit_scale 0
+        total = torch.where(torch.isneginf(total), total, total * logit_scale)
+    total = total + bias[:, None, None]
     no_evidence = torch.isneginf(total).all(dim=0, keepdim=True)
-    if bool(no_evidence.any()):
-        prior = torch.log_softmax(bias, dim=0)[:, None, None].expand_as(posterior)
-        posterior = torch.where(no_evidence, prior, posterior)
-    return posterior
+    posterior = torch.log_softmax(total, dim=0)
+    prior = torch.log_softmax(bias, dim=0)[:, None, None].expand_as(posterior)
+    return torch.where(no_evidence, prior, posterior)
+
+
+def _prefix_counts(num_prefix_tokens: int | Tensor, batch: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``num_prefix_tokens + 1`` as a tensor broadcasting against ``(C, B, V)``."""
+    if isinstance(num_prefix_tokens, Tensor):
+        if num_prefix_tokens.is_complex() or num_prefix_tokens.dtype == torch.bool:
+            raise TypeError(f"`num_prefix_tokens` must hold real numbers, got dtype {num_prefix_tokens.dtype}.")
+        if num_prefix_tokens.ndim > 1 or num_prefix_tokens.numel() not in (1, batch):
+            raise ValueError(
+                f"`num_prefix_tokens` must be an integer or a ({batch},) tensor, got shape {tuple(num_prefix_tokens.shape)}."
+            )
+        if not bool((torch.isfinite(num_prefix_tokens.double()) & (num_prefix_tokens >= 0)).all()):
+            raise ValueError(f"`num_prefix_tokens` must be finite counts >= 0, got {num_prefix_tokens.tolist()}.")
+        return (num_prefix_tokens.to(device=device, dtype=dtype) + 1).reshape(1, -1, 1)
+    return torch.tensor(check_int(num_prefix_tokens, "num_prefix_tokens", minimum=0) + 1, device=device, dtype=dtype)
+
+
+def _class_bias(class_bias: Any, num_classes: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    if class_bias is None:
+        return torch.zeros(num_classes, device=device, dtype=dtype)
+    try:
+        bias = torch.as_tensor(class_bias, device=device, dtype=dtype)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"`class_bias` must be {num_classes} real numbers, got {class_bias!r}.") from error
+    if bias.shape != (num_classes,) or not bool(torch.isfinite(bias).all()):
+        raise ValueError(f"`class_bias` must be {num_classes} finite numbers, got {bias.tolist()}.")
+    return bias
 
 
 def gedi_logits(scores: Tensor, desired_log_probs: Tensor, omega: float) -> Tensor:
@@ -322,19 +420,29 @@ def gedi_logits(scores: Tensor, desired_log_probs: Tensor, omega: float) -> Tens
     ``desired_log_probs`` is clamped below at ``log(tiny)`` so a zero class probability is a
     large finite penalty (bonus for negative ``omega``), never ``inf``.
 
+    Args:
+        scores (Tensor): next-token scores, floating, finite or ``-inf`` (NaN/``+inf``: ``ValueError``).
+        desired_log_probs (Tensor): ``log p(desired | prefix + v)``, same shape, finite or ``-inf``.
+        omega (float): the class weight, a finite number (``0``: off, ``scores`` itself is returned).
+
+    Returns float32 (or wider) scores; ``-inf`` scores stay ``-inf``.
+
     Example:
         >>> import torch
         >>> from guidance.classifier import gedi_logits
         >>> gedi_logits(torch.tensor([[1.0, 1.0]]), torch.log(torch.tensor([[0.5, 1.0]])), 2.0)
         tensor([[-0.3863,  1.0000]])
     """
-    check_finite(omega, "omega")
+    omega = check_finite(omega, "omega")
+    check_tensor(scores, "scores", floating=True)
+    check_tensor(desired_log_probs, "desired_log_probs", floating=True)
     if desired_log_probs.shape != scores.shape:
         raise ValueError(
             f"`desired_log_probs` must have the shape of `scores` {tuple(scores.shape)}, got {tuple(desired_log_probs.shape)}."
         )
     if omega == 0:
         return scores
+    _check_scores(scores=scores, desired_log_probs=desired_log_probs)
     dtype = torch.promote_types(scores.dtype, torch.float32)
     floor = math.log(_MIN_PROB)
     return scores.to(dtype) + omega * desired_log_probs.to(dtype).clamp(min=floor)

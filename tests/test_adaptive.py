@@ -83,8 +83,11 @@ def test_adaptive_guidance_threshold_one_never_retires_and_min_steps_delays():
 
 
 def test_adaptive_guidance_rejects_bad_input():
-    for bad in (1.5, -1.01, math.nan, True, "0.99"):
+    for bad in (1.5, -1.01, math.nan):
         with pytest.raises(ValueError, match="threshold"):
+            AdaptiveGuidance(bad)
+    for bad in (True, "0.99", None):
+        with pytest.raises(TypeError, match="threshold"):
             AdaptiveGuidance(bad)
     with pytest.raises(ValueError, match="min_steps"):
         AdaptiveGuidance(0.99, min_steps=-1)

@@ -327,3 +327,72 @@ def test_dynamic_thresholding_defaults_and_errors():
 def test_decreasing_linear_schedule():
     schedule = Linear(start=9.0, end=1.0)
     assert [schedule(i, 5) for i in range(5)] == [9.0, 7.0, 5.0, 3.0, 1.0]
+
+
+# ---------------------------------------------------------------------------------------- contracts (issue 11)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "argument"),
+    [
+        (lambda: CFG(float("nan")), ValueError, "scale"),
+        (lambda: CFG(True), TypeError, "guidance scale"),
+        (lambda: CFG(2.0, dims=(0, 1)), ValueError, "dims"),
+        (lambda: CFG(2.0, dims="x"), TypeError, "dims"),
+        (lambda: APG(5.0, norm_threshold=float("inf")), ValueError, "norm_threshold"),
+        (lambda: APG(5.0, eta="1"), TypeError, "eta"),
+        (lambda: CFGZeroStar(5.0, zero_init_steps=1.5), TypeError, "zero_init_steps"),
+        (lambda: CFGZeroStar(5.0, eps=float("nan")), ValueError, "eps"),
+        (lambda: CFGZeroStar(5.0, use_zero_star="yes"), TypeError, "use_zero_star"),
+        (lambda: PerpNeg(5.0, neg_scale=float("inf")), ValueError, "neg_scale"),
+        (lambda: BetaCFG(5.0, a=float("inf")), ValueError, "`a`"),
+        (lambda: BetaCFG(Constant(3.0), b=0.0), ValueError, "`b`"),
+        (lambda: BetaCFG(5.0, gamma=float("inf")), ValueError, "gamma"),
+    ],
+)
+def test_bad_settings_name_the_argument(make, error, argument):
+    with pytest.raises(error, match=argument):
+        make()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "argument"),
+    [
+        ({"step": -1}, ValueError, "step"),
+        ({"step": 1.5}, TypeError, "step"),
+        ({"step": 0, "num_steps": 0}, ValueError, "num_steps"),
+        ({"step": 0, "sigma": float("nan")}, ValueError, "sigma"),
+    ],
+)
+def test_bad_call_arguments_name_the_argument(kwargs, error, argument):
+    cond, uncond = _pair()
+    with pytest.raises(error, match=argument):
+        CFG(3.0)(cond, uncond, **kwargs)
+
+
+def test_guider_lets_the_op_validate_tensors():
+    cond, uncond = _pair()
+    with pytest.raises(ValueError, match="same shape"):
+        CFG(3.0)(cond, uncond[:1], step=0)
+    with pytest.raises(TypeError, match="`negative` must be a torch.Tensor"):
+        ops.perp_neg(cond, uncond, None, 3.0)
+    with pytest.raises(ValueError, match="negative="):
+        PerpNeg(3.0)(cond, uncond, step=0)
+
+
+def test_zero_init_rule_has_one_home():
+    from guidance.ops.zero_star import zero_init
+
+    guider = CFGZeroStar(3.0, zero_init_steps=2)
+    assert [guider.in_zero_init(step) for step in range(4)] == [zero_init(step, 2) for step in range(4)]
+    assert [zero_init(step, 2) for step in range(4)] == [True, True, False, False]
+    with pytest.raises(ValueError, match="step"):
+        zero_init(-1, 2)
+
+
+def test_guiders_in_half_precision_stay_finite():
+    cond = torch.full((1, 4, 4, 4), 6e4, dtype=torch.float16)
+    uncond = -cond
+    for name, guider in _all_guiders().items():
+        out = guider(cond, uncond, step=1, num_steps=3, **_extra(name, cond))
+        assert not torch.isnan(out).any(), name

@@ -90,3 +90,112 @@ def test_non_finite_or_non_numeric_scales_are_rejected(bad):
 def test_shape_mismatch_is_rejected():
     with pytest.raises(ValueError, match="same shape"):
         cfg(torch.zeros(2, 3), torch.zeros(2, 4), 2.0)
+
+
+# ---------------------------------------------------------------------------------------- contracts (issue 11)
+
+
+@pytest.mark.parametrize("op", [cfg, cfg_logits, cfg_log_probs])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_python_scales_are_rejected_by_every_op(op, bad):
+    with pytest.raises(ValueError, match="`scale` must be a finite real number"):
+        op(torch.ones(1, 2), torch.zeros(1, 2), bad)
+
+
+@pytest.mark.parametrize("op", [cfg, cfg_logits, cfg_log_probs])
+def test_wrong_types_raise_type_error(op):
+    with pytest.raises(TypeError, match="`scale`"):
+        op(torch.ones(1, 2), torch.zeros(1, 2), "2")
+    with pytest.raises(TypeError, match="`scale`"):
+        op(torch.ones(1, 2), torch.zeros(1, 2), torch.tensor([True]))
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        op([[1.0, 0.0]], torch.zeros(1, 2), 2.0)
+    with pytest.raises(TypeError, match="floating-point"):
+        op(torch.ones(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long), 2.0)
+
+
+@pytest.mark.parametrize("op", [cfg, cfg_logits, cfg_log_probs])
+def test_per_sample_scale_of_wrong_length_is_a_clear_error(op):
+    with pytest.raises(ValueError, match=r"`scale` must be a number or a tensor of shape \(\), \(1,\) or \(2,\)"):
+        op(torch.ones(2, 3), torch.zeros(2, 3), torch.ones(3))
+    with pytest.raises(ValueError, match="one scale per sample"):
+        op(torch.ones(2, 3), torch.zeros(2, 3), torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("op", [cfg_logits, cfg_log_probs])
+@pytest.mark.parametrize(("value", "word"), [(math.nan, "NaN"), (math.inf, r"\+inf")])
+@pytest.mark.parametrize("branch", [0, 1])
+def test_nan_and_pos_inf_logits_are_rejected(op, value, word, branch):
+    logits = [torch.zeros(2, 5), torch.zeros(2, 5)]
+    logits[branch][1, 3] = value
+    name = "cond_logits" if branch == 0 else "uncond_logits"
+    with pytest.raises(ValueError, match=f"`{name}` contains {word}"):
+        op(*logits, 2.0)
+    with pytest.raises(ValueError, match=f"`{name}` contains {word}"):
+        op(*logits, torch.tensor([2.0, 0.5]))
+
+
+def test_all_masked_rows_never_become_nan():
+    c = torch.tensor([[NEG_INF, NEG_INF, NEG_INF], [1.0, 2.0, 3.0], [NEG_INF] * 3])
+    u = torch.tensor([[0.0, 1.0, 2.0], [NEG_INF, NEG_INF, NEG_INF], [NEG_INF] * 3])
+    # scale 0: the unconditional row alone counts; a row masked there stays all -inf
+    out = cfg_log_probs(c, u, 0.0)
+    torch.testing.assert_close(out[0], torch.log_softmax(u[0], -1))
+    assert torch.isneginf(out[1:]).all()
+    # guided: a token masked in either branch is masked, so both rows are all -inf
+    for op in (cfg_logits, cfg_log_probs):
+        assert torch.isneginf(op(c, u, 2.0)).all()
+    # per-row scales: rows of scale 1 are cond, of scale 0 uncond (log-softmaxed), others masked
+    out = cfg_log_probs(c, u, torch.tensor([0.0, 1.0, 3.0]))
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out[0], torch.log_softmax(u[0], -1))
+    assert torch.equal(out[1], c[1]) and torch.isneginf(out[2]).all()
+    out = cfg_logits(c, u, torch.tensor([0.0, 1.0, 3.0]))
+    assert torch.equal(out[0], u[0]) and torch.equal(out[1], c[1]) and torch.isneginf(out[2]).all()
+
+
+def test_per_row_scale_one_is_bit_identical_to_cond_in_log_prob_cfg():
+    c, u = torch.randn(3, 7) * 5, torch.randn(3, 7) * 5
+    out = cfg_log_probs(c, u, torch.tensor([1.0, 2.0, 1.0]))
+    assert torch.equal(out[0], c[0]) and torch.equal(out[2], c[2])
+    torch.testing.assert_close(out[1], cfg_log_probs(c[1:2], u[1:2], 2.0)[0], rtol=0, atol=0)
+    half = cfg_log_probs(c.half(), u.half(), torch.tensor([1.0, 2.0, 1.0]))
+    assert torch.equal(half[0], c[0].half().float())
+
+
+def test_half_precision_difference_overflow_gives_the_exact_answer():
+    h = torch.full((2, 3), 6e4, dtype=torch.float16)
+    assert torch.equal(cfg(h, -h, 0.5), torch.zeros_like(h))
+    assert torch.equal(cfg(h, -h, torch.tensor([0.0, 0.5])), torch.stack([-h[0], torch.zeros_like(h[0])]))
+    assert torch.equal(cfg_logits(h, -h, 0.5), torch.zeros_like(h))
+    # out of range exactly: saturates to the largest float16, never inf or NaN
+    assert torch.equal(cfg(h, -h, 2.0), torch.full_like(h, 65504.0))
+    assert torch.equal(cfg_logits(h, -h, -2.0), torch.full_like(h, -65504.0))
+    inf = torch.full_like(h, math.inf)
+    assert torch.isposinf(cfg(inf, h, 2.0)).all()  # infinite inputs propagate
+    big = torch.full((1, 2), 3e38, dtype=torch.bfloat16)
+    assert torch.equal(cfg(big, -big, 0.5), torch.zeros_like(big))
+
+
+def test_tensor_scale_zero_gives_uncond_without_nan():
+    h = torch.full((1, 4), 6e4, dtype=torch.float16)
+    assert torch.equal(cfg(h, -h, torch.tensor([0.0])), -h)
+    c, u = torch.randn(2, 3), torch.randn(2, 3)
+    assert torch.equal(cfg(c, u, torch.tensor([0.0, 0.0])), u)
+
+
+def test_inputs_are_not_modified():
+    c, u = torch.randn(2, 5), torch.randn(2, 5)
+    c[0, 1] = NEG_INF
+    c0, u0 = c.clone(), u.clone()
+    for op in (cfg, cfg_logits, cfg_log_probs):
+        op(c, u, torch.tensor([2.0, 1.0]))
+        op(c, u, 3.0)
+    assert torch.equal(c, c0) and torch.equal(u, u0)
+
+
+def test_ho_salimans_conversions_validate():
+    with pytest.raises(ValueError, match="w_prime"):
+        scale_from_ho_salimans(math.nan)
+    with pytest.raises(TypeError, match="scale"):
+        scale_to_ho_salimans(None)

@@ -450,3 +450,149 @@ def test_bad_input_raises_value_error_naming_the_argument(call, argument):
     cond, uncond = _pair()
     with pytest.raises(ValueError, match=argument):
         call(cond, uncond)
+
+
+# ---------------------------------------------------------------------------------------- contracts (issue 11)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_OPERATORS))
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_python_scales_are_rejected(name, bad):
+    cond, uncond = _pair()
+    with pytest.raises(ValueError, match="`scale` must be a finite real number"):
+        ALL_OPERATORS[name](cond, uncond, bad)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_OPERATORS))
+def test_per_sample_scale_of_wrong_length_is_a_clear_error(name):
+    cond, uncond = _pair()
+    with pytest.raises(ValueError, match=r"tensor of shape \(\), \(1,\) or \(2,\)"):
+        ALL_OPERATORS[name](cond, uncond, torch.ones(3))
+
+
+@pytest.mark.parametrize("name", sorted(ALL_OPERATORS))
+def test_tensor_scale_zero_gives_no_nan(name):
+    cond, uncond = _pair()
+    out = ALL_OPERATORS[name](cond, uncond, torch.tensor([0.0, 2.0]))
+    assert torch.isfinite(out).all()
+
+
+def test_perp_neg_needs_a_negative_tensor():
+    cond, uncond = _pair()
+    with pytest.raises(TypeError, match="`negative` must be a torch.Tensor"):
+        ops.perp_neg(cond, uncond, None, 3.0)
+
+
+def test_rescale_of_one_value_per_sample_does_not_couple_samples():
+    cond, guided = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 5.0, 9.0])
+    out = ops.rescale(guided, cond, 0.7)
+    assert torch.equal(out, guided)  # a single value has no std: each sample is left as is
+    assert torch.equal(ops.rescale(guided[:1], cond[:1], 0.7), out[:1])
+    two = ops.cfg_rescaled(cond, cond * 0.5, 3.0, phi=0.7)
+    assert torch.equal(two[0], ops.cfg_rescaled(cond[:1], cond[:1] * 0.5, 3.0, phi=0.7)[0])
+
+
+def test_cfg_rescaled_in_half_precision_does_not_overflow_before_rescaling():
+    cond = torch.tensor([[6e4, -6e4, 6e4, -6e4]], dtype=torch.float16)
+    out = ops.cfg_rescaled(cond, -cond, 3.0, phi=1.0)  # u + 3 (c - u) = 5c overflows float16; rescaled it is c
+    assert torch.equal(out, cond)
+
+
+SCALES_OF_MAGNITUDE = [1e-30, 1e-13, 1e20]
+
+
+@pytest.mark.parametrize("magnitude", SCALES_OF_MAGNITUDE)
+def test_perp_neg_is_scale_invariant(magnitude):
+    cond, uncond = _pair()
+    negative = _negative()
+    expected = ops.perp_neg(cond, uncond, negative, 4.0)
+    out = ops.perp_neg(cond * magnitude, uncond * magnitude, negative * magnitude, 4.0)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out / magnitude, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("magnitude", SCALES_OF_MAGNITUDE)
+@pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0])
+def test_beta_cfg_is_scale_invariant(magnitude, gamma):
+    cond, _ = _pair()
+    zero = torch.zeros_like(cond)  # u = 0: the output is w d / ||d||^gamma, homogeneous of degree 1 - gamma
+    expected = ops.beta_cfg(cond, zero, 4.0, gamma)
+    out = ops.beta_cfg(cond * magnitude, zero, 4.0, gamma)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out / magnitude ** (1 - gamma), expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("magnitude", SCALES_OF_MAGNITUDE)
+@pytest.mark.parametrize("convention", ops.APG_CONVENTIONS)
+def test_apg_is_scale_invariant(magnitude, convention):
+    cond, uncond = _pair()
+    expected = ops.apg(cond, uncond, 4.0, eta=0.3, convention=convention)
+    out = ops.apg(cond * magnitude, uncond * magnitude, 4.0, eta=0.3, convention=convention)
+    torch.testing.assert_close(out / magnitude, expected, rtol=1e-5, atol=1e-5)
+    capped = ops.apg(cond * magnitude, uncond * magnitude, 4.0, eta=0.3, norm_threshold=1.0)
+    assert torch.isfinite(capped).all()
+
+
+def test_apg_on_tiny_inputs_is_not_dominated_by_an_epsilon():
+    cond, uncond = torch.tensor([[1e-13, 1e-13]]), torch.tensor([[0.0, 1e-13]])
+    torch.testing.assert_close(ops.apg(cond, uncond, 3.0), torch.tensor([[2e-13, 0.0]]), rtol=1e-6, atol=0)
+
+
+def test_zero_star_alpha_survives_overflowing_sums():
+    cond, uncond = _pair()
+    expected = ops.zero_star_alpha(cond, uncond, eps=0.0)
+    torch.testing.assert_close(ops.zero_star_alpha(cond * 1e20, uncond * 1e20, eps=0.0), expected)
+    assert torch.equal(ops.zero_star_alpha(cond, torch.zeros_like(uncond), eps=0.0), torch.zeros(2, 1, 1, 1))
+
+
+def test_cosine_dims_must_not_include_the_batch_dimension():
+    cond, uncond = _pair()
+    with pytest.raises(ValueError, match="batch dimension"):
+        ops.apg(cond, uncond, 3.0, dims=(0, 1))
+    with pytest.raises(TypeError, match="dims"):
+        ops.beta_cfg(cond, uncond, 3.0, dims="12")
+
+
+@pytest.mark.parametrize("name", sorted(ALL_OPERATORS))
+def test_inputs_are_not_modified(name):
+    cond, uncond = _pair()
+    before = cond.clone(), uncond.clone()
+    ALL_OPERATORS[name](cond, uncond, torch.tensor([1.0, 3.0]))
+    ALL_OPERATORS[name](cond, uncond, 3.0)
+    assert torch.equal(cond, before[0]) and torch.equal(uncond, before[1])
+
+
+# ---------------------------------------------------------------------------------------- no device sync
+
+
+class _ReadsValues(torch.overrides.TorchFunctionMode):
+    """Records the tensor methods that copy values to the host (a device sync on a GPU)."""
+
+    SYNCING = {"__bool__", "item", "tolist", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.SYNCING:
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", sorted(ALL_OPERATORS))
+def test_diffusion_operators_never_read_tensor_values(name):
+    cond, uncond = _pair()
+    with _ReadsValues() as spy:
+        ALL_OPERATORS[name](cond, uncond, torch.tensor([1.0, 4.0]))
+        ALL_OPERATORS[name](cond, uncond, 4.0)
+        ops.cfg(cond, uncond, torch.tensor([0.0, 4.0]))
+    assert spy.calls == []
+
+
+def test_logit_operators_read_values_once_per_call():
+    cond, uncond = torch.randn(2, 50), torch.randn(2, 50)
+    for op in (ops.cfg_logits, ops.cfg_log_probs):
+        with _ReadsValues() as spy:
+            op(cond, uncond, torch.tensor([1.0, 2.0]))
+        assert spy.calls == ["__bool__"]  # "is every entry finite?": the masked path only when needed

@@ -68,10 +68,9 @@ def test_user_callables_of_any_arity():
     [
         (lambda: Constant(math.inf), "scale"),
         (lambda: Window(2.0, start_step=3, end_step=1), "end_step"),
-        (lambda: Interval(2.0, sigma_lo=2.0, sigma_hi=1.0), "sigma_lo"),
+        (lambda: Interval(2.0, sigma_lo=2.0, sigma_hi=1.0), "sigma_hi"),
         (lambda: Cutoff(2.0, fraction=1.5), "fraction"),
         (lambda: BetaPdf(2.0, a=0.0), "a"),
-        (lambda: as_schedule("fast"), "Schedule or a callable"),
         (lambda: Linear(1.0, 2.0)(0), "num_steps"),
         (lambda: Interval(2.0, 0.1)(0), "sigma"),
     ],
@@ -79,3 +78,58 @@ def test_user_callables_of_any_arity():
 def test_bad_schedules_are_rejected(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.parametrize("bad", ["fast", True, None, [1.0]])
+def test_as_schedule_rejects_wrong_types(bad):
+    with pytest.raises(TypeError, match="Schedule or a callable"):
+        as_schedule(bad)
+
+
+# ---------------------------------------------------------------------------------------- contracts (issue 11)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "argument"),
+    [
+        (lambda: Linear(1, 3)(math.nan, 5), TypeError, "step"),
+        (lambda: Linear(1, 3)(2.0, 5), TypeError, "step"),
+        (lambda: Linear(1, 3)(-1, 5), ValueError, "step"),
+        (lambda: Linear(1, 3)(1, 0), ValueError, "num_steps"),
+        (lambda: Constant(2.0)(0, sigma=math.nan), ValueError, "sigma"),
+        (lambda: Interval(2.0, 0.1)(0, None, sigma=math.nan), ValueError, "sigma"),
+        (lambda: Interval(2.0, 0.1)(0, None, sigma=-1.0), ValueError, "sigma"),
+        (lambda: Interval(2.0, math.nan), ValueError, "sigma_lo"),
+        (lambda: BetaPdf(7.5, a=math.inf), ValueError, "`a`"),
+        (lambda: BetaPdf(7.5, b=0.5), ValueError, "`b`"),
+        (lambda: BetaPdf(7.5, a="2"), TypeError, "`a`"),
+        (lambda: Window(2.0, start_step=1.5), TypeError, "start_step"),
+        (lambda: Cutoff(2.0, math.nan), ValueError, "fraction"),
+        (lambda: FunctionSchedule(3.0), TypeError, "fn"),
+        (lambda: MeanNormalized(Linear(1, 3), math.inf), ValueError, "target_mean"),
+    ],
+)
+def test_bad_arguments_name_the_argument(call, error, argument):
+    with pytest.raises(error, match=argument):
+        call()
+
+
+def test_extreme_settings_stay_finite():
+    from guidance.schedules import DynamicThresholdingSchedule
+
+    sched = DynamicThresholdingSchedule(7.5, "power up", 1, 1e308)
+    assert [sched(step, 5) for step in range(7)] == [1.0, 1.0, 1.0, 1.0, 7.5, 7.5, 7.5]  # past the end: last value
+    assert Linear(-1e308, 1e308)(1, 3) == 0.0  # end - start overflows; the exact midpoint does not
+    assert BetaPdf(1e300, a=1e6, b=1e6)(1, 3) == pytest.approx(1e300 * 2 * math.sqrt(1e6 / math.pi), rel=1e-4)
+    with pytest.raises(ValueError, match="out of the float range"):
+        BetaPdf(1e308, a=10.0, b=10.0)(1, 3)  # pdf(0.5) = 3.5: the product exceeds the float range
+    with pytest.raises(ValueError, match="value"):
+        DynamicThresholdingSchedule(7.5, "cosine repeating", 1, 1e308)
+
+
+def test_numpy_and_tensor_integers_are_steps():
+    import numpy as np
+    import torch
+
+    assert Linear(1, 3)(np.int64(1), np.int32(3)) == 2.0
+    assert Linear(1, 3)(torch.tensor(1), 3) == 2.0

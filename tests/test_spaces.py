@@ -169,7 +169,6 @@ def test_prediction_type_aliases():
     [
         (lambda p, x: to_x0(p, x, "noise", NoiseLevel.ddpm(0.5)), "prediction_type"),
         (lambda p, x: to_x0(p, x, "epsilon", None), "noise_level"),
-        (lambda p, x: to_x0(p, x, "epsilon", 0.5), "noise_level"),
         (lambda p, x: to_x0(p, x, "flow_prediction", NoiseLevel.ddpm(0.5)), "flow"),
         (lambda p, x: to_x0(p, x, "v_prediction", NoiseLevel.flow_matching(0.5)), "flow_prediction"),
         (lambda p, x: to_x0(p, x, "epsilon", NoiseLevel.flow_matching(1.0)), "alpha = 0"),
@@ -188,3 +187,57 @@ def test_bad_input(call, message):
     pred, sample = _tensors()
     with pytest.raises(ValueError, match=message):
         call(pred, sample)
+
+
+def test_wrong_types_raise_type_error():
+    pred, sample = _tensors()
+    with pytest.raises(TypeError, match="noise_level"):
+        to_x0(pred, sample, "epsilon", 0.5)
+    with pytest.raises(TypeError, match="sample"):
+        to_x0(pred, sample.numpy(), "epsilon", NoiseLevel.ddpm(0.5))
+    with pytest.raises(TypeError, match="is_flow"):
+        NoiseLevel(0.5, 0.5, is_flow=1)
+
+
+# ---------------------------------------------------------------------------------------- contracts (issue 11)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "argument"),
+    [
+        (lambda: NoiseLevel(float("nan"), 0.5), ValueError, "alpha"),
+        (lambda: NoiseLevel(0.5, float("inf")), ValueError, "sigma"),
+        (lambda: NoiseLevel(0.5, -0.1), ValueError, "sigma"),
+        (lambda: NoiseLevel("0.5", 0.5), TypeError, "alpha"),
+        (lambda: NoiseLevel(torch.tensor([0.5, float("nan")]), 0.5), ValueError, "alpha"),
+        (lambda: NoiseLevel(torch.ones(2, 3), 0.5), ValueError, "alpha"),
+        (lambda: NoiseLevel.ddpm(float("nan")), ValueError, "alpha_cumprod"),
+        (lambda: NoiseLevel.flow_matching(torch.tensor([0.5, 1.5])), ValueError, "sigma"),
+    ],
+)
+def test_noise_levels_are_validated(make, error, argument):
+    with pytest.raises(error, match=argument):
+        make()
+
+
+def test_per_sample_levels_must_match_the_batch():
+    pred, sample = _tensors()
+    with pytest.raises(ValueError, match="3 values for a batch of 2"):
+        to_x0(pred, sample, "epsilon", NoiseLevel.ddpm(torch.tensor([0.5, 0.4, 0.3])))
+
+
+def test_half_precision_conversions_stay_finite_where_representable():
+    x0 = torch.full((1, 4), 100.0, dtype=torch.float16)
+    level = NoiseLevel.ddpm(1e-6)  # alpha = 1e-3: eps -> x0 divides by it
+    sample = (level.alpha * x0.float() + level.sigma * 0.5).half()
+    eps = from_x0(x0, sample, "epsilon", level)
+    back = to_x0(eps, sample, "epsilon", level)
+    assert back.dtype == torch.float16 and torch.isfinite(back).all()
+    torch.testing.assert_close(back.float(), x0.float(), rtol=2e-2, atol=1.0)
+
+
+def test_inputs_are_not_modified():
+    pred, sample = _tensors()
+    before = pred.clone(), sample.clone()
+    convert(pred, sample, "epsilon", "v_prediction", NoiseLevel.ddpm(0.4))
+    assert torch.equal(pred, before[0]) and torch.equal(sample, before[1])

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor
 
 from guidance import ops
 from guidance.guiders.base import GUIDER_SPACES, Dims, Guider
+from guidance.ops.apg import check_apg_args
 from guidance.schedules import Schedule
-from guidance.validation import check_finite, check_range
+from guidance.validation import check_choice
 
 
 class APG(Guider):
@@ -19,8 +18,19 @@ class APG(Guider):
     ``c + (w - 1)(d_perp + eta d_par)``; ``"diffusers"`` reproduces diffusers'
     ``AdaptiveProjectedGuidance`` (on the raw prediction, ``u + w (...)``; pass ``eta=1.0,
     norm_threshold=15.0`` for its defaults); ``"comfyui"`` reproduces ComfyUI's APG node
-    (``c + w (...)`` on denoised predictions, momentum in ``[0, 1]``). ``space`` overrides where it acts.
-    ``momentum=beta`` keeps a running average of the guidance direction, reset by :meth:`reset`.
+    (``c + w (...)`` on denoised predictions, momentum in ``[0, 1]``).
+
+    Args:
+        scale (float | Schedule): the guidance scale ``w`` or a schedule (see :class:`Guider`).
+        eta (float): weight of the parallel component, a finite real number.
+        momentum (float | None): momentum of the running average of ``c - u`` in ``[-1, 1]``
+            (``[0, 1]`` for ``"comfyui"``), reset by :meth:`reset`; ``None``: no momentum.
+        norm_threshold (float | None): cap on ``||c - u||``, a finite number ``>= 0``; ``None``/``0``: none.
+        convention (str): ``"paper"``, ``"diffusers"`` or ``"comfyui"``.
+        dims (int | tuple[int, ...] | None): per-sample reduction dimensions; ``None``: all non-batch ones.
+        space (str | None): ``"prediction"`` or ``"x0"``; ``None``: ``"prediction"`` for
+            ``"diffusers"``, ``"x0"`` otherwise.
+        rescale (float): guidance rescale ``phi`` in ``[0, 1]`` (0: off).
 
     Example:
         >>> import torch
@@ -43,28 +53,16 @@ class APG(Guider):
         rescale: float = 0.0,
     ):
         super().__init__(scale, rescale=rescale, dims=dims)
-        if convention not in ops.APG_CONVENTIONS:
-            raise ValueError(f"`convention` must be one of {ops.APG_CONVENTIONS}, got {convention!r}.")
+        self.eta, self.norm_threshold = check_apg_args(eta, norm_threshold, convention, momentum)
         self.convention = convention
-        self.eta = check_finite(eta, "eta")
-        if norm_threshold is not None:
-            check_range(norm_threshold, "norm_threshold", 0.0, math.inf)
-            if math.isinf(norm_threshold):
-                raise ValueError(
-                    f"`norm_threshold` must be finite (or None to disable), got {norm_threshold!r}."
-                )
-        self.norm_threshold = norm_threshold
-        if momentum is not None and convention == "comfyui":
-            check_range(momentum, "momentum", 0.0, 1.0)
-        self.momentum = momentum
+        self.momentum = None if momentum is None else float(momentum)
         self.momentum_buffer = None if momentum is None else ops.MomentumBuffer(momentum)
         if space is None:
             space = "prediction" if convention == "diffusers" else "x0"
-        if space not in GUIDER_SPACES:
-            raise ValueError(f"`space` must be one of {GUIDER_SPACES}, got {space!r}.")
-        self.space = space
+        self.space = check_choice(space, "space", GUIDER_SPACES)
 
     def reset(self) -> None:
+        """Start of a sampling run: also clears the momentum buffer."""
         super().reset()
         if self.momentum_buffer is not None:
             self.momentum_buffer.reset()

@@ -46,14 +46,12 @@ Example:
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor
 
 from guidance import ops
 from guidance.schedules import Schedule, as_schedule
 from guidance.spaces import NoiseLevel, from_x0, normalize_prediction_type, to_x0
-from guidance.validation import check_range
+from guidance.validation import check_dims_setting, check_finite, check_range
 
 GUIDER_SPACES = ("prediction", "x0")
 Dims = int | tuple[int, ...] | None
@@ -62,7 +60,23 @@ Dims = int | tuple[int, ...] | None
 class Guider:
     """Base class: a schedule, guidance-off handling, optional rescale, and the per-run state hooks.
 
-    Subclasses implement :meth:`combine` (called only when the scale is not 1).
+    Subclasses implement :meth:`combine` (called only when the scale is not 1). The constructor
+    validates the settings (``ValueError``/``TypeError`` naming the argument); tensors are validated
+    by the operator a subclass calls, and step/num_steps/sigma by the schedule.
+
+    Args:
+        scale (float | Schedule): the guidance scale ``w`` (a finite number, made a
+            :class:`~guidance.schedules.Constant`) or a schedule (any callable
+            ``(step, num_steps, sigma) -> float`` is wrapped in a ``FunctionSchedule``).
+        rescale (float): guidance rescale ``phi`` in ``[0, 1]`` applied after the combine (0: off).
+        dims (int | tuple[int, ...] | None): per-sample reduction dimensions for norm-based guiders
+            and rescale; ``None``: all non-batch dimensions.
+
+    Example:
+        >>> import torch
+        >>> from guidance.guiders import CFG
+        >>> CFG(2.0, rescale=0.5)(torch.tensor([[1.0, -1.0]]), torch.zeros(1, 2), step=0)
+        tensor([[ 1.5000, -1.5000]])
     """
 
     space: str = "prediction"
@@ -71,18 +85,27 @@ class Guider:
     def __init__(self, scale: float | Schedule = 7.5, *, rescale: float = 0.0, dims: Dims = None):
         self.schedule: Schedule = as_schedule(scale)
         self.rescale = check_range(rescale, "rescale", 0.0, 1.0)
-        self.dims = dims
+        self.dims = check_dims_setting(dims)
         self._last_step: int | None = None
 
     def scale_at(self, step: int, num_steps: int | None = None, sigma: float | None = None) -> float:
-        """The guidance scale at ``step`` (``1.0``: guidance off)."""
-        scale = float(self.schedule(step, num_steps, sigma))
-        if not math.isfinite(scale):
-            raise ValueError(f"The schedule returned a non-finite guidance scale {scale!r} at step {step}.")
-        return scale
+        """The guidance scale at ``step`` (``1.0``: guidance off); the schedule validates its arguments.
+
+        Args:
+            step (int): the step, an integer ``>= 0``.
+            num_steps (int | None): total number of steps (``>= 1``) when known.
+            sigma (float | None): the current noise level (``>= 0``) when known.
+        """
+        return check_finite(self.schedule(step, num_steps, sigma), "schedule(step)")
 
     def needs_uncond(self, step: int, num_steps: int | None = None, sigma: float | None = None) -> bool:
-        """Whether the unconditional prediction is needed at ``step``; ``False`` lets adapters skip it."""
+        """Whether the unconditional prediction is needed at ``step``; ``False`` lets adapters skip it.
+
+        Args:
+            step (int): the step, an integer ``>= 0``.
+            num_steps (int | None): total number of steps (``>= 1``) when known.
+            sigma (float | None): the current noise level (``>= 0``) when known.
+        """
         return self.scale_at(step, num_steps, sigma) != 1.0
 
     def reset(self) -> None:
@@ -90,6 +113,15 @@ class Guider:
         self._last_step = None
 
     def combine(self, cond: Tensor, uncond: Tensor, scale: float, *, step: int, **extra: Tensor) -> Tensor:
+        """The guided prediction at a scale that is not 1 (subclasses implement it with their op).
+
+        Args:
+            cond (Tensor): the conditional prediction.
+            uncond (Tensor): the unconditional prediction (validated by the op).
+            scale (float): the scale at this step, finite and not 1.
+            step (int): the step.
+            **extra (Tensor): further predictions (Perp-Neg: ``negative``).
+        """
         raise NotImplementedError
 
     def _begin_step(self, step: int) -> None:
@@ -107,8 +139,19 @@ class Guider:
         sigma: float | None = None,
         **extra: Tensor,
     ) -> Tensor:
-        self._begin_step(step)
+        """The combined prediction at ``step``: ``cond`` itself where the scale is 1.
+
+        Args:
+            cond (Tensor): the conditional prediction (floating point, batch first).
+            uncond (Tensor | None): the unconditional prediction, same shape; ``None`` only where
+                :meth:`needs_uncond` is ``False``.
+            step (int): the step, an integer ``>= 0``; a step lower than the previous one starts a new run.
+            num_steps (int | None): total number of steps when known.
+            sigma (float | None): the current noise level when known.
+            **extra (Tensor): further predictions a guider needs (Perp-Neg: ``negative=``).
+        """
         scale = self.scale_at(step, num_steps, sigma)
+        self._begin_step(step)
         if scale == 1.0:
             return cond
         if uncond is None:
@@ -148,6 +191,21 @@ def guide(
     converted back. Guidance off (scale 1, or the guider's own "no uncond" steps) skips the
     conversions, so the output is then exactly what the guider returns (``cond`` bit for bit at scale 1).
 
+    Args:
+        guider (Guider): the guider to run.
+        cond (Tensor): the conditional prediction of the model, floating point, batch first.
+        uncond (Tensor | None): the unconditional prediction (``None`` where not needed).
+        step (int): the step, an integer ``>= 0``.
+        num_steps (int | None): total number of steps when known.
+        sigma (float | None): the current noise level (for schedules) when known.
+        sample (Tensor | None): the denoiser's input ``x_t`` (needed for ``space == "x0"``).
+        prediction_type (str | None): what the model predicts (see :mod:`guidance.spaces`).
+        noise_level (NoiseLevel | None): the noise level of ``sample``.
+        **extra (Tensor): further predictions (Perp-Neg: ``negative=``), converted alike.
+
+    Returns:
+        Tensor: the guided prediction, of the model's prediction type.
+
     Example:
         >>> import torch
         >>> from guidance.guiders import CFG, guide
@@ -155,6 +213,8 @@ def guide(
         >>> guide(CFG(2.0), c, u, step=0)
         tensor([[2., 2.]])
     """
+    if not isinstance(guider, Guider):
+        raise TypeError(f"`guider` must be a guidance.guiders.Guider, got {type(guider).__name__}.")
     kwargs = {"step": step, "num_steps": num_steps, "sigma": sigma, **extra}
     if guider.space == "prediction" or not guider.needs_uncond(step, num_steps, sigma):
         return guider(cond, uncond, **kwargs)

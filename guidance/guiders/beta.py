@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor
 
 from guidance import ops
 from guidance.guiders.base import Dims, Guider
-from guidance.schedules import BetaPdf, Schedule
-from guidance.validation import check_range
+from guidance.ops.beta import check_gamma
+from guidance.schedules import BetaPdf, Schedule, check_beta_shape
 
 
 class BetaCFG(Guider):
     """beta-CFG (Malarz et al.): ``u + w beta_pdf(t; a, b) (c - u) / ||c - u||^gamma``, ``t = step / (N - 1)``.
 
     A number ``scale`` becomes the schedule ``BetaPdf(scale, a, b)`` (so ``num_steps`` is needed);
-    a schedule object is used as given (then ``a`` and ``b`` are unused). As in the authors' code,
-    the weight is 0 at the first and last step for ``a, b > 1`` (the output is then ``uncond``).
+    a schedule object is used as given (then ``a`` and ``b`` are unused, but still checked). As in
+    the authors' code, the weight is 0 at the first and last step for ``a, b > 1`` (the output is
+    then ``uncond``).
+
+    Args:
+        scale (float | Schedule): the peak-free scale ``w`` multiplying ``beta_pdf``, or a schedule.
+        a (float): first beta shape parameter, in ``[1, 1e6]`` (see :func:`guidance.schedules.check_beta_shape`).
+        b (float): second beta shape parameter, in ``[1, 1e6]``.
+        gamma (float): norm exponent, a finite number ``>= 0`` (see :func:`guidance.ops.beta_cfg`).
+        rescale (float): guidance rescale ``phi`` in ``[0, 1]`` (0: off).
+        dims (int | tuple[int, ...] | None): per-sample reduction dimensions; ``None``: all non-batch ones.
 
     Example:
         >>> import torch
@@ -37,13 +44,11 @@ class BetaCFG(Guider):
         rescale: float = 0.0,
         dims: Dims = None,
     ):
+        self.a, self.b = check_beta_shape(a, b)
         if isinstance(scale, (int, float)) and not isinstance(scale, bool):
-            scale = BetaPdf(float(scale), a, b)
+            scale = BetaPdf(scale, self.a, self.b)
         super().__init__(scale, rescale=rescale, dims=dims)
-        self.a, self.b = a, b
-        self.gamma = check_range(gamma, "gamma", 0.0, math.inf)
-        if math.isinf(self.gamma):
-            raise ValueError(f"`gamma` must be finite, got {gamma!r}.")
+        self.gamma = check_gamma(gamma)
 
     def combine(self, cond: Tensor, uncond: Tensor, scale: float, *, step: int, **extra: Tensor) -> Tensor:
         return ops.beta_cfg(cond, uncond, scale, self.gamma, dims=self.dims)

@@ -14,6 +14,11 @@ class CFG(Guider):
 
     Same float operations as diffusers' pipelines and ``ClassifierFreeGuidance``.
 
+    Args:
+        scale (float | Schedule): the guidance scale ``w`` (finite) or a schedule (see :class:`Guider`).
+        rescale (float): guidance rescale ``phi`` in ``[0, 1]`` (0: off).
+        dims (int | tuple[int, ...] | None): per-sample dimensions of the rescale std; ``None``: all non-batch ones.
+
     Example:
         >>> import torch
         >>> from guidance.guiders import CFG
@@ -27,6 +32,11 @@ class CFG(Guider):
 
 class RescaledCFG(CFG):
     """CFG with guidance rescale (Lin et al. 2024), ``phi = rescale = 0.7`` by default: diffusers' ``guidance_rescale``.
+
+    Args:
+        scale (float | Schedule): the guidance scale ``w`` (finite) or a schedule (see :class:`Guider`).
+        rescale (float): guidance rescale ``phi`` in ``[0, 1]``.
+        dims (int | tuple[int, ...] | None): per-sample dimensions of the rescale std; ``None``: all non-batch ones.
 
     Example:
         >>> import torch

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor
 
 from guidance import ops
 from guidance.guiders.base import Dims, Guider
+from guidance.ops.perp_neg import check_neg_scale
 from guidance.schedules import Schedule
-from guidance.validation import check_range
 
 
 class PerpNeg(Guider):
     """Perp-Neg (Armandpour et al. 2023): ``cond`` = positive prompt, ``uncond`` = empty prompt, ``negative=`` in extra.
 
     Needs three predictions per step (``needs_negative`` is True). See :func:`guidance.ops.perp_neg`.
+
+    Args:
+        scale (float | Schedule): the guidance scale ``w`` or a schedule (see :class:`Guider`).
+        neg_scale (float): weight of the negative prompt's orthogonal part, a finite number ``>= 0``.
+        rescale (float): guidance rescale ``phi`` in ``[0, 1]`` (0: off).
+        dims (int | tuple[int, ...] | None): per-sample reduction dimensions; ``None``: all non-batch ones.
 
     Example:
         >>> import torch
@@ -36,9 +40,7 @@ class PerpNeg(Guider):
         dims: Dims = None,
     ):
         super().__init__(scale, rescale=rescale, dims=dims)
-        self.neg_scale = check_range(neg_scale, "neg_scale", 0.0, math.inf)
-        if math.isinf(self.neg_scale):
-            raise ValueError(f"`neg_scale` must be finite, got {neg_scale!r}.")
+        self.neg_scale = check_neg_scale(neg_scale)
 
     def combine(self, cond: Tensor, uncond: Tensor, scale: float, *, step: int, **extra: Tensor) -> Tensor:
         negative = extra.get("negative")

@@ -7,8 +7,13 @@ Conventions (the full reference is ``docs/methods.md``):
 * Scale convention: ``g = u + w * (c - u)``. ``w = 1`` is guidance off (returns ``cond``
   bit for bit), ``w = 0`` gives ``uncond``. Ho & Salimans' ``w'`` is ``w - 1``; convert
   with :func:`scale_from_ho_salimans`.
-* ``scale`` is a Python number or a tensor broadcastable against the batch
-  dimension (shape ``(B,)`` gives one scale per sample).
+* ``scale`` is a finite Python number (checked) or a tensor of shape ``()``, ``(1,)`` or ``(B,)``
+  (one scale per sample; shape checked, values not: that would sync the device, so guiders and
+  adapters check them where they enter). Rows whose scale is exactly 1 are ``cond`` bit for bit.
+* Contracts: NaN/``+inf`` logits raise ``ValueError``; ``-inf`` (masked) never becomes NaN; finite
+  inputs give finite outputs wherever the exact result is representable (float32/float16/bfloat16;
+  norms are power-of-two scaled, half precision is computed in float32 where it could overflow) and
+  ``+-finfo(dtype).max`` where it is not (saturation: finite inputs never give inf or NaN).
 * Operators work on any prediction type (eps, v, x0, logits) unless a docstring
   says otherwise; per-sample reductions run over all non-batch dimensions.
 

@@ -1,4 +1,4 @@
-"""Shared helpers of the operators: scale handling, shape checks, work dtypes."""
+"""Shared helpers of the operators: argument checks, scale handling, the overflow-safe CFG combine."""
 
 from __future__ import annotations
 
@@ -8,14 +8,55 @@ import math
 import torch
 from torch import Tensor
 
-from guidance.validation import check_scale
+from guidance.tensors import float64_device, per_sample, work_dtype
+from guidance.tensors import saturate as _saturate
+from guidance.validation import (
+    check_batch_scale,
+    check_dims,
+    check_logits,
+    check_same_shape,
+    check_scale,
+    check_tensor,
+)
 
 Scale = float | int | Tensor
 
+# Kept under their historical private names for the operator modules.
+_work_dtype = work_dtype
+_float64_device = float64_device
+
 
 def validate_scale(scale: Scale, name: str = "guidance_scale") -> None:
-    """Raise unless every scale is a finite real number (see :func:`guidance.validation.check_scale`)."""
+    """Raise unless every scale is a finite real number (see :func:`guidance.validation.check_scale`).
+
+    Syncs with the device for a tensor scale: call it where a tensor scale enters (an adapter).
+
+    Args:
+        scale (float | Tensor): the scale to check.
+        name (str): the argument's name for the error message.
+
+    Example:
+        >>> from guidance.ops import validate_scale
+        >>> validate_scale(float("nan"), "scale")
+        Traceback (most recent call last):
+        ...
+        ValueError: `scale` must be a finite real number in (-inf, inf), got nan.
+    """
     check_scale(scale, name)
+
+
+def _check_pair(cond: Tensor, uncond: Tensor, names: tuple[str, str] = ("cond", "uncond"), min_ndim: int = 0) -> None:
+    check_tensor(cond, names[0], floating=True, min_ndim=min_ndim)
+    check_tensor(uncond, names[1], floating=True, min_ndim=min_ndim)
+    check_same_shape(cond, uncond, *names)
+
+
+def _check_scale(scale: Scale, like: Tensor, name: str = "scale", *, rows: bool = False) -> float | Tensor:
+    """A finite number (as ``float``) or a real tensor with one value or one per sample (values not read).
+
+    ``rows=True`` (scores with the vocabulary last): a 1-d tensor is one row, so one scale."""
+    batch = like.shape[0] if like.ndim > int(rows) else 1
+    return check_batch_scale(scale, batch, name)
 
 
 def _is_one(scale: Scale) -> bool:
@@ -27,61 +68,60 @@ def _is_zero(scale: Scale) -> bool:
 
 
 def _as_batch_scale(scale: Scale, like: Tensor) -> Scale:
-    """A ``(B,)`` tensor scale becomes ``(B, 1, ..., 1)`` so it broadcasts per sample."""
+    """A tensor scale as ``(B, 1, ..., 1)`` in ``like``'s dtype and device; numbers unchanged."""
     if not isinstance(scale, Tensor):
         return scale
-    scale = scale.to(device=like.device, dtype=like.dtype)
-    if scale.ndim == 1 and like.ndim > 1:
-        scale = scale.reshape(-1, *([1] * (like.ndim - 1)))
-    return scale
+    return per_sample(scale.to(device=like.device, dtype=like.dtype), like)
 
 
-def _check_pair(cond: Tensor, uncond: Tensor) -> None:
-    if cond.shape != uncond.shape:
-        raise ValueError(
-            f"`cond` and `uncond` must have the same shape, got {tuple(cond.shape)} and {tuple(uncond.shape)}."
-        )
+def _combine(cond: Tensor, uncond: Tensor, w: float | Tensor) -> Tensor:
+    """``u + w (c - u)`` (the reference operation order), with the form ``(1 - w) u + w c`` where
+    that overflows (``c - u`` or ``w (c - u)`` beyond the range while the result is not): finite
+    wherever the exact result is representable, ``+-finfo.max`` where it is not
+    (:func:`guidance.tensors.saturate`),
+    never NaN for finite inputs. No device sync."""
+    guided = uncond + w * (cond - uncond)
+    convex = (1 - w) * uncond + w * cond
+    # Both forms overflow only where the exact result is out of range: keep the inf, not inf - inf.
+    convex = torch.where(torch.isnan(convex), guided, convex)
+    return _saturate(torch.where(torch.isfinite(guided), guided, convex), cond, uncond)
 
 
-def _masked_combine(cond: Tensor, uncond: Tensor, scale: Scale) -> Tensor:
-    """``u + w (c - u)`` where entries that are ``-inf`` in either branch stay ``-inf``.
-
-    ``-inf`` marks a token that a processor or mask removed; combining two of them
-    would compute ``inf - inf``. A token removed from either branch is removed from
-    the guided distribution (only the branch with non-zero weight counts at w = 0/1,
-    which the callers handle before getting here).
-    """
-    w = _as_batch_scale(scale, cond)
-    cond_finite = torch.isfinite(cond)
-    uncond_finite = torch.isfinite(uncond)
-    both_finite = cond_finite & uncond_finite
-    if bool(both_finite.all()):
-        guided = w * (cond - uncond) + uncond
-    else:
-        c = torch.where(both_finite, cond, torch.zeros_like(cond))
-        u = torch.where(both_finite, uncond, torch.zeros_like(uncond))
-        guided = torch.where(both_finite, w * (c - u) + u, torch.full_like(cond, -math.inf))
-    if isinstance(w, Tensor):
-        guided = torch.where(w == 1, cond, torch.where(w == 0, uncond, guided))
-    return guided
-
-
-def _work_dtype(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
-
-
-def _sample_dims(x: Tensor, dims: int | tuple[int, ...] | list[int] | None) -> list[int]:
-    if dims is None:
-        return list(range(1, x.ndim))
-    dims = [dims] if isinstance(dims, int) else list(dims)
-    if not dims or any(not (-x.ndim <= d < x.ndim) for d in dims):
-        raise ValueError(f"`dims` must be a non-empty list of dimensions of a {x.ndim}-d tensor, got {dims}.")
-    return dims
+def _pin_rows(scale: Scale, guided: Tensor, one: Tensor, zero: Tensor | None = None) -> Tensor:
+    """With a per-sample scale, rows whose scale is exactly 1 (0), in the scale's own precision,
+    are ``one`` (``zero``) bit for bit."""
+    if not isinstance(scale, Tensor):
+        return guided
+    scale = per_sample(scale.to(guided.device), guided)
+    if zero is not None:
+        guided = torch.where(scale == 0, zero.to(guided.dtype), guided)
+    return torch.where(scale == 1, one.to(guided.dtype), guided)
 
 
 def _keep_cond_where_one(scale: Scale, cond: Tensor, guided: Tensor) -> Tensor:
-    w = _as_batch_scale(scale, cond)
-    return torch.where(w == 1, cond, guided) if isinstance(w, Tensor) else guided
+    """Rows whose scale is exactly 1 (in the scale's own precision) are ``cond`` bit for bit."""
+    return _pin_rows(scale, guided, cond)
+
+
+def _masked_combine(cond: Tensor, uncond: Tensor, w: float | Tensor, raw: tuple[Tensor, Tensor], names) -> Tensor:
+    """``u + w (c - u)`` on scores where ``-inf`` marks a masked token.
+
+    A token that is ``-inf`` (or whose normalised score is) in either branch stays ``-inf``; a row
+    masked everywhere stays all ``-inf``. ``raw`` are the scores as given, checked for NaN and
+    ``+inf`` (``ValueError``) only when some entry is not finite, so the common case costs one sync.
+    """
+    finite = torch.isfinite(cond) & torch.isfinite(uncond)
+    if bool(finite.all()):
+        return _combine(cond, uncond, w)
+    check_logits(raw[0], names[0])
+    check_logits(raw[1], names[1])
+    zero = torch.zeros((), dtype=cond.dtype, device=cond.device)
+    c, u = torch.where(finite, cond, zero), torch.where(finite, uncond, zero)
+    return torch.where(finite, _combine(c, u, w), torch.full_like(c, -math.inf))
+
+
+def _sample_dims(x: Tensor, dims) -> list[int]:
+    return check_dims(dims, x.ndim)
 
 
 def _vector_batch(fn):
@@ -89,15 +129,19 @@ def _vector_batch(fn):
 
     @functools.wraps(fn)
     def wrapped(cond: Tensor, *args, **kwargs):
-        if cond.ndim == 1 and kwargs.get("dims") is None:
+        if isinstance(cond, Tensor) and cond.ndim == 1 and kwargs.get("dims") is None:
             args = tuple(a.unsqueeze(-1) if isinstance(a, Tensor) and a.ndim == 1 else a for a in args)
-            if isinstance(kwargs.get("negative"), Tensor):
-                kwargs["negative"] = kwargs["negative"].unsqueeze(-1)
-            return fn(cond.unsqueeze(-1), *args, **kwargs).squeeze(-1)
+            for key in ("negative", "uncond", "cond"):
+                if isinstance(kwargs.get(key), Tensor) and kwargs[key].ndim == 1:
+                    kwargs[key] = kwargs[key].unsqueeze(-1)
+            column = cond.unsqueeze(-1)
+            out = fn(column, *args, **kwargs)
+            return cond if out is column else out.squeeze(-1)  # guidance off stays `cond` itself
         return fn(cond, *args, **kwargs)
 
     return wrapped
 
 
-def _float64_device(x: Tensor) -> torch.device:
-    return torch.device("cpu") if x.device.type in {"mps", "npu"} else x.device
+def _float64_scalars(x: Tensor) -> Tensor:
+    """Per-sample scalars in float64 (on a device that has it) for the small exact bookkeeping."""
+    return x.to(device=float64_device(x), dtype=torch.float64)
