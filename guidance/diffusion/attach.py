@@ -106,6 +106,9 @@ class GuidanceHandle:
             )
         patch.restore()
         self._wrapper.cfgpp.uninstall()
+        close = getattr(self.evaluator, "close", None)  # a distributed evaluator's own process group
+        if callable(close):
+            close()
         if getattr(self.pipe, "_guidance_handle", None) is self:
             del self.pipe._guidance_handle
 
@@ -276,6 +279,7 @@ def attach(
     denoiser: str | None = None,
     evaluator: str | BranchEvaluator = "batched",
     branch_inputs: Mapping[str, Mapping[str, Any]] | None = None,
+    parallel: str | BranchEvaluator | None = None,
 ) -> GuidanceHandle:
     """Attach a guidance configuration to a classic diffusers pipeline; returns a :class:`GuidanceHandle`.
 
@@ -303,6 +307,11 @@ def attach(
             branches by branch name, e.g. ``{"negative": {"encoder_hidden_states": embeds}}``
             for :class:`~guidance.guiders.PerpNeg` (:func:`~guidance.diffusion.prompt_inputs`
             builds them from a prompt). Tensors have 1 row or one per sample.
+        parallel (str | DistributedEvaluator | None): ``"cfg"`` splits every step's branches across
+            the ranks of the process group (launch with ``torchrun --nproc-per-node 2``; see
+            :mod:`guidance.diffusion.parallel`), or a configured
+            :class:`~guidance.diffusion.parallel.DistributedEvaluator`. Every rank returns the same
+            images. ``None`` (default): one process.
 
     Raises ``ValueError`` (``TypeError`` for wrong types) before any work for an unknown mode,
     order or prediction type, a guidance-distilled model (``guidance_embeds`` /
@@ -322,6 +331,12 @@ def attach(
     if prediction_type is not None:
         prediction_type = normalize_prediction_type(prediction_type)
     _check_scheduler(pipe, guider, mode, prediction_type)
+    if parallel is not None:  # last: it joins the other ranks (a collective) once everything else is valid
+        from guidance.diffusion.parallel import parallel_evaluator
+
+        evaluator = parallel_evaluator(
+            parallel, evaluator, module=module, guider=guider, mode=mode, branch_inputs=inputs
+        )
     config = {
         "adaptive": adaptive,
         "mode": mode,

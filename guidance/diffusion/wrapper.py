@@ -111,6 +111,9 @@ class DenoiserWrapper:
 
     def _unguided_step(self, timestep: Any) -> None:
         pipe = self.handle.pipe
+        require = getattr(self.handle.evaluator, "require_cfg_batch", None)
+        if callable(require):  # CFG-parallel: nothing to split, fail before the first step
+            require(pipe)
         self._context(timestep, batch=0)
         if getattr(pipe, "do_classifier_free_guidance", None) is False:
             self._warn_once(
