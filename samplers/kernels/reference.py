@@ -372,6 +372,11 @@ def cfg_log_softmax_torch(cond_logits: Tensor, uncond_logits: Tensor, scale: flo
     """
     if not isinstance(scale, Tensor) and scale == 1:
         return cond_logits
+    # rows holding NaN/+inf are the caller's to report or mark (``check_finite``): combine the
+    # others, and give those rows placeholder zeros so that the shared formula does not refuse them
+    bad = (invalid_rows(cond_logits) | invalid_rows(uncond_logits))[:, None]
+    cond_logits = torch.where(bad, torch.zeros_like(cond_logits), cond_logits)
+    uncond_logits = torch.where(bad, torch.zeros_like(uncond_logits), uncond_logits)
     out = cfg_log_probs(cond_logits, uncond_logits, scale)
     w = _row_scale(scale, out)
     dead_cond = (cond_logits == -math.inf).all(-1, keepdim=True)
