@@ -1,8 +1,10 @@
 """Classifier-free guidance and its successors for language and diffusion models.
 
-The core (operators, schedules, guiders, spaces, adaptive guidance) is pure PyTorch. The
-transformers adapter (``cfg_generate``, ``generate_text``, ``CFGLogitsProcessor``) is imported
-eagerly; the diffusers adapter (``attach``, ``detach``, callbacks) loads on first use.
+The core (:mod:`guidance.ops`, :mod:`guidance.schedules`, :mod:`guidance.guiders`,
+:mod:`guidance.spaces`, :mod:`guidance.adaptive`, :mod:`guidance.validation`) is pure PyTorch and
+imports neither transformers nor diffusers nor vllm. Every name below loads on first use
+(PEP 562), so ``import guidance.ops`` stays light and the adapters (:mod:`guidance.lm` for
+transformers, :mod:`guidance.diffusion` for diffusers, :mod:`guidance.vllm`) load only when used.
 """
 
 from __future__ import annotations
@@ -10,93 +12,70 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from guidance import adaptive, guiders, ops, schedules, spaces
-from guidance.adaptive import AdaptiveGuidance, RatioCutoff, cosine_similarity
-from guidance.guiders import APG, CFG, BetaCFG, CFGZeroStar, Guider, PerpNeg, RescaledCFG, guide
-from guidance.lm import (
-    CFGLogitsProcessor,
-    ClassifierWeightedLogitsProcessor,
-    GeDiLogitsProcessor,
-    ModelUnconditionalLogits,
-    cfg_generate,
-    generate_text,
-)
-from guidance.ops import (
-    MomentumBuffer,
-    apg,
-    beta_cfg,
-    cfg,
-    cfg_log_probs,
-    cfg_logits,
-    cfg_rescaled,
-    cfg_zero_star,
-    perp_neg,
-    rescale,
-    scale_from_ho_salimans,
-)
-from guidance.spaces import NoiseLevel, from_x0, to_x0
-
-_DIFFUSERS_NAMES = {
+_EXPORTS = {
+    # core
+    "ops": "guidance.ops",
+    "schedules": "guidance.schedules",
+    "guiders": "guidance.guiders",
+    "spaces": "guidance.spaces",
+    "adaptive": "guidance.adaptive",
+    "validation": "guidance.validation",
+    "AdaptiveGuidance": "guidance.adaptive",
+    "RatioCutoff": "guidance.adaptive",
+    "cosine_similarity": "guidance.adaptive",
+    "APG": "guidance.guiders",
+    "CFG": "guidance.guiders",
+    "BetaCFG": "guidance.guiders",
+    "CFGZeroStar": "guidance.guiders",
+    "Guider": "guidance.guiders",
+    "PerpNeg": "guidance.guiders",
+    "RescaledCFG": "guidance.guiders",
+    "guide": "guidance.guiders",
+    "MomentumBuffer": "guidance.ops",
+    "apg": "guidance.ops",
+    "beta_cfg": "guidance.ops",
+    "cfg": "guidance.ops",
+    "cfg_log_probs": "guidance.ops",
+    "cfg_logits": "guidance.ops",
+    "cfg_rescaled": "guidance.ops",
+    "cfg_zero_star": "guidance.ops",
+    "perp_neg": "guidance.ops",
+    "rescale": "guidance.ops",
+    "scale_from_ho_salimans": "guidance.ops",
+    "NoiseLevel": "guidance.spaces",
+    "from_x0": "guidance.spaces",
+    "to_x0": "guidance.spaces",
+    # transformers adapter
+    "lm": "guidance.lm",
+    "CFGLogitsProcessor": "guidance.lm",
+    "ClassifierWeightedLogitsProcessor": "guidance.lm",
+    "GeDiLogitsProcessor": "guidance.lm",
+    "ModelUnconditionalLogits": "guidance.lm",
+    "cfg_generate": "guidance.lm",
+    "generate_text": "guidance.lm",
+    # diffusers adapter
+    "diffusion": "guidance.diffusion",
     "attach": "guidance.diffusion",
     "detach": "guidance.diffusion",
     "ScheduleCallback": "guidance.diffusion",
     "CFGCutoffCallback": "guidance.diffusion",
     "GuidanceHandle": "guidance.diffusion",
     "GuidanceStats": "guidance.diffusion",
-    "diffusion": "guidance.diffusion",
 }
 
 
 def __getattr__(name: str) -> Any:
-    if name in _DIFFUSERS_NAMES:
-        module = importlib.import_module(_DIFFUSERS_NAMES[name])
-        return module if name == "diffusion" else getattr(module, name)
-    raise AttributeError(f"module 'guidance' has no attribute {name!r}")
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'guidance' has no attribute {name!r}")
+    module = importlib.import_module(_EXPORTS[name])
+    value = module if module.__name__ == f"guidance.{name}" else getattr(module, name)
+    globals()[name] = value
+    return value
 
 
-__all__ = [
-    "APG",
-    "AdaptiveGuidance",
-    "BetaCFG",
-    "CFG",
-    "CFGCutoffCallback",
-    "CFGLogitsProcessor",
-    "ClassifierWeightedLogitsProcessor",
-    "GeDiLogitsProcessor",
-    "CFGZeroStar",
-    "Guider",
-    "GuidanceHandle",
-    "GuidanceStats",
-    "ModelUnconditionalLogits",
-    "MomentumBuffer",
-    "NoiseLevel",
-    "PerpNeg",
-    "RatioCutoff",
-    "RescaledCFG",
-    "ScheduleCallback",
-    "adaptive",
-    "apg",
-    "attach",
-    "beta_cfg",
-    "cfg",
-    "cfg_generate",
-    "cfg_log_probs",
-    "cfg_logits",
-    "cfg_rescaled",
-    "cfg_zero_star",
-    "cosine_similarity",
-    "detach",
-    "diffusion",
-    "from_x0",
-    "generate_text",
-    "guide",
-    "guiders",
-    "ops",
-    "perp_neg",
-    "rescale",
-    "scale_from_ho_salimans",
-    "schedules",
-    "spaces",
-    "to_x0",
-]
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
