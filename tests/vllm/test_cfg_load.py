@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-pytest.importorskip("vllm")
+pytest.importorskip("vllm.sampling_params")  # a real vLLM (tests/vllm itself can look like a namespace package "vllm")
 
 from vllm import SamplingParams  # noqa: E402
 

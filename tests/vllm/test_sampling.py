@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-pytest.importorskip("vllm")
+pytest.importorskip("vllm.sampling_params")  # a real vLLM (tests/vllm itself can look like a namespace package "vllm")
 
 import torch  # noqa: E402
 from vllm.model_executor.layers.utils import apply_penalties as vllm_apply_penalties  # noqa: E402
