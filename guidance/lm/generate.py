@@ -34,6 +34,7 @@ from transformers.generation.logits_process import TypicalLogitsWarper
 
 from guidance import ops
 from guidance.lm import compat
+from guidance.lm.adaptive import AdaptiveForward, AdaptiveLMGuidance, as_adaptive
 from guidance.lm.batching import build_guided_batch, expand_negative_prompt
 from guidance.lm.beams import cfg_beam_search
 from guidance.lm.branches import OutputRecord, TwoBranchForward
@@ -59,6 +60,7 @@ def cfg_generate(
     cfg_negative_prompt_ids: Tensor | None = None,
     cfg_negative_prompt_attention_mask: Tensor | None = None,
     cfg_streamer: Any = None,
+    guidance_adaptive: AdaptiveLMGuidance | float | None = None,
     **model_kwargs: Any,
 ) -> GenerateDecoderOnlyOutput | GenerateBeamDecoderOnlyOutput | LongTensor:
     """Classifier-free guidance decoding with one batched forward per token.
@@ -83,6 +85,12 @@ def cfg_generate(
     - ``cfg_streamer``: a streamer (``put``/``end``, e.g. ``TextIteratorStreamer``).
       transformers does not pass ``streamer=`` to a callable ``custom_generate`` (the streamer
       would receive the prompt and never end), so use this argument instead.
+    - ``guidance_adaptive``: ``None`` (default, off) or a threshold (`float` in ``[0, inf]``) or
+      an :class:`~guidance.lm.adaptive.AdaptiveLMGuidance`: compute the unconditional logits
+      only for the rows and tokens where they can change the choice (greedy search and sampling;
+      see :mod:`guidance.lm.adaptive`). With ``return_dict_in_generate=True`` the output is an
+      ``AdaptiveGenerateOutput`` whose ``adaptive_stats`` counts, per row, the unconditional
+      positions computed (``unconditional_positions``) and what batched CFG would compute.
 
     Supported: greedy search, sampling, beam search and beam sampling (``num_beams``,
     ``num_return_sequences``, ``length_penalty``, ``early_stopping``; both branches' caches
@@ -110,6 +118,9 @@ def cfg_generate(
     """
     streamer = _pick_streamer(model_kwargs.pop("streamer", None), cfg_streamer)
     mode = _validate(model, generation_config, model_kwargs, cfg_form, streamer)
+    adaptive = as_adaptive(guidance_adaptive)
+    if adaptive is not None and mode == "beam":
+        raise ValueError("`guidance_adaptive` supports greedy search and sampling, not beam search (num_beams > 1).")
     logits_processor, scale, negative_ids, negative_mask = _take_transformers_cfg(logits_processor)
     if cfg_negative_prompt_ids is not None:
         if negative_ids is not None:
@@ -122,12 +133,15 @@ def cfg_generate(
         return compat.run_transformers_decoding(
             model, mode, input_ids, logits_processor, stopping_criteria, generation_config, streamer, **model_kwargs
         )
-    forward = _two_branch_forward(model, input_ids, generation_config, negative_ids, negative_mask, model_kwargs)
+    forward = _two_branch_forward(
+        model, input_ids, generation_config, negative_ids, negative_mask, model_kwargs, adaptive, cfg_form
+    )
     processors = _use_sort_free_typical(logits_processor)
     combine = _combine_fn(cfg_form)
     if mode == "beam":
         return cfg_beam_search(forward, input_ids, processors, stopping_criteria, generation_config, scales, combine)
-    return _guided_sample(forward, input_ids, processors, stopping_criteria, generation_config, streamer, scales, combine)
+    output = _guided_sample(forward, input_ids, processors, stopping_criteria, generation_config, streamer, scales, combine)
+    return output if adaptive is None else forward.output(output)
 
 
 def _combine_fn(cfg_form: str) -> Callable[[Tensor, Tensor, float], Tensor]:
@@ -242,7 +256,9 @@ def _two_branch_forward(
     negative_ids: Tensor | None,
     negative_mask: Tensor | None,
     model_kwargs: dict[str, Any],
-) -> TwoBranchForward:
+    adaptive: AdaptiveLMGuidance | None = None,
+    cfg_form: str = "log_probs",
+) -> TwoBranchForward | AdaptiveForward:
     rows = input_ids.shape[0]
     if negative_ids is not None:
         num_prompts = _num_prompts(rows, generation_config)
@@ -265,6 +281,8 @@ def _two_branch_forward(
         extra["output_attentions"] = True
     if generation_config.output_hidden_states:
         extra["output_hidden_states"] = True
+    if adaptive is not None:
+        return AdaptiveForward(model, batch, extra, adaptive, cfg_form)
     return TwoBranchForward(model, batch, extra)
 
 
@@ -309,6 +327,8 @@ def _guided_sample(
             break
         if step >= last_guided:
             forward.drop_unconditional()
+        if finishes_rows:
+            forward.mark_unfinished(unfinished)  # adaptive guidance skips finished rows
         forward.append(tokens)
     if streamer is not None:
         streamer.end()
