@@ -220,7 +220,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="1/7 of the items, 2 repeats, 32 long tokens")
     parser.add_argument("--scale", type=float, default=1.5)
     parser.add_argument("--thresholds", type=float, nargs="+", default=None,
-                        help="adaptive thresholds (the first is timed); default 6 (quick) or 6 3 10 inf")
+                        help="adaptive thresholds (the first is timed); default 4 (quick) or 4 2 3 6 inf")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N items")
     parser.add_argument("--task-batch", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=6)
@@ -232,7 +232,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-long", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    args.thresholds = args.thresholds or ([6.0] if args.quick else [6.0, 3.0, 10.0, math.inf])
+    args.thresholds = args.thresholds or ([4.0] if args.quick else [4.0, 2.0, 3.0, 6.0, math.inf])
     args.time_batches = args.time_batches or (2 if args.quick else 4)
     args.repeats = args.repeats or (2 if args.quick else 3)
     args.new_tokens = args.new_tokens or (32 if args.quick else 128)

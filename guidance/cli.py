@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="log_probs",
         help="Combine log-probabilities (paper, transformers) or raw logits.",
     )
+    parser.add_argument(
+        "--guidance-adaptive",
+        type=float,
+        default=None,
+        metavar="THRESHOLD",
+        help="Adaptive CFG: skip the unconditional branch for tokens where the unconditional model would have to "
+        "prefer the conditional top token by at least THRESHOLD nats to change it (e.g. 6; inf: exact rules only).",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64, help="Number of tokens to generate (1-4096).")
     parser.add_argument("--do-sample", action="store_true", help="Sample instead of greedy decoding.")
     parser.add_argument("--temperature", type=float, default=None, help="Sampling temperature (> 0).")
@@ -99,6 +107,8 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         value = getattr(args, name)
         if value is not None and not 0 < value <= 1:
             parser.error(f"--{name.replace('_', '-')} must be in (0, 1], got {value}")
+    if args.guidance_adaptive is not None and not args.guidance_adaptive >= 0:
+        parser.error(f"--guidance-adaptive must be a threshold in [0, inf], got {args.guidance_adaptive}")
     if args.min_p is not None and not 0 <= args.min_p <= 1:
         parser.error(f"--min-p must be in [0, 1], got {args.min_p}")
     if args.top_k is not None and args.top_k < 1:
@@ -167,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             guidance_scale=args.guidance_scale,
             guidance_schedule=schedule,
             cfg_form=args.cfg_form,
+            **({} if args.guidance_adaptive is None else {"guidance_adaptive": args.guidance_adaptive}),
             **common,
         )
     except ValueError as error:
@@ -185,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"model: {model_name}",
         f"prompt: {args.prompt!r}",
         f"negative prompt: {args.negative_prompt!r}" if args.negative_prompt else "negative prompt: (last prompt token)",
-        f"guidance: scale {scale_text}, {args.cfg_form} form",
+        f"guidance: scale {scale_text}, {args.cfg_form} form"
+        + ("" if args.guidance_adaptive is None else f", adaptive (threshold {args.guidance_adaptive:g})"),
         "decoding: " + (", ".join(f"{k}={v}" for k, v in sampling.items()) or "greedy")
         + f", max_new_tokens={args.max_new_tokens}, seed={args.seed}",
     ]

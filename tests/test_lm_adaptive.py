@@ -337,3 +337,25 @@ def test_embedded_model_adaptive_saves_positions_and_diverges_only_at_heuristic_
         step = _first_difference(full.sequences[row, start:], ours.sequences[row, start:])
         if step is not None:
             assert stats.decisions[row, step] == HEURISTIC_SKIP
+
+
+def test_cli_flag_reaches_cfg_generate(monkeypatch, capsys):
+    import guidance.lm.text
+    import guidance.models
+    from guidance import cli
+    from guidance.lm.text import GenerationResult
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--guidance-adaptive", "-1"])
+    assert exit_info.value.code == 2 and "--guidance-adaptive" in capsys.readouterr().err
+    calls = []
+
+    def fake_generate_text(model, tokenizer, prompt, **kwargs):
+        calls.append(kwargs)
+        return GenerationResult(texts=["text"], new_tokens=1, seconds=1.0)
+
+    monkeypatch.setattr(guidance.models, "load_default_lm", lambda: (None, None))
+    monkeypatch.setattr(guidance.lm.text, "generate_text", fake_generate_text)
+    assert cli.main(["--guidance-adaptive", "6", "--width", "80"]) == 0
+    assert "guidance_adaptive" not in calls[0] and calls[1]["guidance_adaptive"] == 6.0
+    assert "adaptive (threshold 6)" in capsys.readouterr().out

@@ -82,12 +82,13 @@ class AdaptiveLMGuidance:
     """Settings of adaptive CFG decoding (``cfg_generate(..., guidance_adaptive=AdaptiveLMGuidance(...))``).
 
     Args:
-        threshold (`float`, in ``[0, inf]``, default 6.0): heuristic rule. A row skips the
+        threshold (`float`, in ``[0, inf]``, default 4.0): heuristic rule. A row skips the
             unconditional branch for a token when the unconditional model would have to prefer the
             conditional top-1 token over its runner-up by at least ``threshold`` nats for guidance
             to change the greedy choice (``w (c_1 - c_2) / |w - 1| >= threshold``). At ``w = 1.5``,
-            6.0 means a conditional top-1/top-2 log-prob margin of 2 nats. ``inf`` turns the
-            heuristic off (exact rules only); 0 skips every token.
+            4.0 means a conditional top-1/top-2 log-prob margin of 4/3 nats. Larger is closer to
+            full CFG and computes more; ``inf`` turns the heuristic off (exact rules only), 0
+            skips every token. See ``benchmarks/lm_adaptive.py`` for the trade-off.
         certify (`bool` or `None`, default `None`): exact head certificate
             (:func:`greedy_certificate`). ``None`` uses it when the model's head supports it,
             ``True`` requires it (``ValueError`` otherwise), ``False`` turns it off.
@@ -102,7 +103,7 @@ class AdaptiveLMGuidance:
         ValueError: `threshold` must be a number in [0, inf], got -1.0.
     """
 
-    threshold: float = 6.0
+    threshold: float = 4.0
     certify: bool | None = None
 
     def __post_init__(self) -> None:
