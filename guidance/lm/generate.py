@@ -127,15 +127,17 @@ def cfg_generate(
             raise ValueError("Pass either `negative_prompt_ids` or `cfg_negative_prompt_ids`, not both.")
         negative_ids, negative_mask = cfg_negative_prompt_ids, cfg_negative_prompt_attention_mask
     scales = _scales(_schedule(scale, guidance_schedule), int(generation_config.max_length) - input_ids.shape[1])
+    guided = any(value != 1.0 for value in scales)
+    if guided:  # builds (and validates) the two-branch batch before any output
+        forward = _two_branch_forward(
+            model, input_ids, generation_config, negative_ids, negative_mask, model_kwargs, adaptive, cfg_form
+        )
     if cfg_streamer is not None:
         cfg_streamer.put(input_ids.cpu())  # what generate does for its own `streamer`
-    if all(value == 1.0 for value in scales):
+    if not guided:
         return compat.run_transformers_decoding(
             model, mode, input_ids, logits_processor, stopping_criteria, generation_config, streamer, **model_kwargs
         )
-    forward = _two_branch_forward(
-        model, input_ids, generation_config, negative_ids, negative_mask, model_kwargs, adaptive, cfg_form
-    )
     processors = _use_sort_free_typical(logits_processor)
     combine = _combine_fn(cfg_form)
     if mode == "beam":
