@@ -13,8 +13,8 @@ Three measurements, greedy, float32, ``--threads`` CPU threads (default 1):
    full CFG computes for the live rows (the unconditional context plus each token fed back
    before the row finished); "of batched" the share of what batched CFG computes, finished
    rows included.
-2. **Task time** at batch 1 and 8: the same decoding on the first items, relative to plain
-   ``generate`` at the same batch size (median of ``--repeats`` runs after a warm-up).
+2. **Task time** at batch 1 and 8: the same decoding on the first ``--time-items`` items, relative
+   to plain ``generate`` at the same batch size (median of ``--repeats`` runs after a warm-up).
 3. **Long generation** at batch 1 and 8: ``--new-tokens`` tokens (EOS ignored) after chat
    prompts, as ``benchmarks/lm_cfg.py`` does, relative to plain ``generate``.
 """
@@ -154,7 +154,7 @@ def task_timing(model: Any, tokenizer: Any, items: list[dict[str, str]], args: a
     rows = []
     timed = modes(args.scale, [args.thresholds[0]])
     for batch in args.batches:
-        contexts = [item["context"] for item in items[: batch * args.time_batches]]
+        contexts = [item["context"] for item in items[: max(batch, args.time_items)]]
         chunks = [contexts[i : i + batch] for i in range(0, len(contexts), batch)]
         plain = None
         for name, mode in timed.items():
@@ -192,6 +192,7 @@ def long_timing(model: Any, tokenizer: Any, args: argparse.Namespace) -> list[di
                 "part": "long", "mode": name, "batch": batch, "new_tokens": args.new_tokens, "seconds": seconds,
                 "tokens_per_second": batch * args.new_tokens / seconds, "time_vs_plain": seconds / plain,
                 "uncond_fraction": None if stats is None else stats.fraction,
+                "guided_fraction": None if stats is None else float((stats.decisions == 0).float().mean()),
             })
             print(f"  long, batch {batch}, {name}: {seconds / plain:.2f} x plain", file=sys.stderr)
     return rows
@@ -208,10 +209,11 @@ def tables(accuracy: list[dict], timing: list[dict], header: str) -> str:
             f"{row['guided_steps']} / {row['exact_skips']} / {row['heuristic_skips']}")
         lines.append(f"| {row['mode']} | {pct(row['accuracy'])} | {pct(row['uncond_fraction_live'])} | "
                      f"{pct(row['uncond_fraction_batched'])} | {steps} |")
-    lines += ["", "| part | mode | batch | seconds | time x plain | uncond positions |", "|---|---|---:|---:|---:|---:|"]
+    lines += ["", "| part | mode | batch | seconds | time x plain | uncond positions | guided tokens |",
+              "|---|---|---:|---:|---:|---:|---:|"]
     for row in timing:
         lines.append(f"| {row['part']} | {row['mode']} | {row['batch']} | {row['seconds']:.2f} | "
-                     f"{row['time_vs_plain']:.2f} | {pct(row.get('uncond_fraction'))} |")
+                     f"{row['time_vs_plain']:.2f} | {pct(row.get('uncond_fraction'))} | {pct(row.get('guided_fraction'))} |")
     return "\n".join(lines)
 
 
@@ -225,15 +227,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--task-batch", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=6)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--time-batches", type=int, default=None, help="batches of items timed per size")
+    parser.add_argument("--time-items", type=int, default=None, help="items timed per batch size (at least one batch)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--new-tokens", type=int, default=None, help="long generation length")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--skip-long", action="store_true")
+    parser.add_argument("--parts", nargs="+", choices=("accuracy", "time", "long"), default=["accuracy", "time", "long"],
+                        help="which measurements to run")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     args.thresholds = args.thresholds or ([4.0] if args.quick else [4.0, 2.0, 3.0, 6.0, math.inf])
-    args.time_batches = args.time_batches or (2 if args.quick else 4)
+    args.time_items = args.time_items or (8 if args.quick else 32)
     args.repeats = args.repeats or (2 if args.quick else 3)
     args.new_tokens = args.new_tokens or (32 if args.quick else 128)
     return args
@@ -250,9 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_default_lm()
     items = load_items(args.quick, args.limit)
     print(f"task: {len(items)} items", file=sys.stderr)
-    accuracy = task_accuracy(model, tokenizer, items, args)
-    timing = task_timing(model, tokenizer, items, args)
-    if not args.skip_long:
+    accuracy = task_accuracy(model, tokenizer, items, args) if "accuracy" in args.parts else []
+    timing = task_timing(model, tokenizer, items, args) if "time" in args.parts else []
+    if "long" in args.parts:
         timing += long_timing(model, tokenizer, args)
     header = (
         f"Adaptive CFG, SmolLM2-135M-Instruct (embedded), float32, CPU ({os.cpu_count()} cores, {args.threads} thread), "
