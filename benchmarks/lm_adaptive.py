@@ -140,29 +140,34 @@ def task_accuracy(model: Any, tokenizer: Any, items: list[dict[str, str]], args:
     return rows
 
 
-def _median_seconds(fn: Any, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _interleaved_medians(calls: dict[str, Any], repeats: int) -> dict[str, float]:
+    """Median seconds of each call; the calls take turns (one warm-up round first), so load drifts hit all alike."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(repeats + 1):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _timed_modes(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    return modes(args.scale, args.time_thresholds or args.thresholds[:1])
 
 
 def task_timing(model: Any, tokenizer: Any, items: list[dict[str, str]], args: argparse.Namespace) -> list[dict]:
     rows = []
-    timed = modes(args.scale, [args.thresholds[0]])
     for batch in args.batches:
         contexts = [item["context"] for item in items[: max(batch, args.time_items)]]
         chunks = [contexts[i : i + batch] for i in range(0, len(contexts), batch)]
-        plain = None
-        for name, mode in timed.items():
-            seconds = _median_seconds(
-                lambda mode=mode, chunks=chunks: [run_batch(model, tokenizer, c, mode, args.max_new_tokens) for c in chunks],
-                args.repeats,
-            )
-            plain = plain or seconds
+        calls = {
+            name: (lambda mode=mode, chunks=chunks: [run_batch(model, tokenizer, c, mode, args.max_new_tokens) for c in chunks])
+            for name, mode in _timed_modes(args).items()
+        }
+        medians = _interleaved_medians(calls, args.repeats)
+        plain = medians["plain generate"]
+        for name, seconds in medians.items():
             rows.append({"part": "task", "mode": name, "batch": batch, "seconds": seconds, "time_vs_plain": seconds / plain})
             print(f"  task, batch {batch}, {name}: {seconds / plain:.2f} x plain", file=sys.stderr)
     return rows
@@ -170,7 +175,6 @@ def task_timing(model: Any, tokenizer: Any, items: list[dict[str, str]], args: a
 
 def long_timing(model: Any, tokenizer: Any, args: argparse.Namespace) -> list[dict]:
     rows = []
-    timed = modes(args.scale, [args.thresholds[0]])
     common = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                   pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True)
     for batch in args.batches:
@@ -178,16 +182,16 @@ def long_timing(model: Any, tokenizer: Any, args: argparse.Namespace) -> list[di
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                add_generation_prompt=True) for p in prompts]
         inputs = _encode(tokenizer, texts)
-        plain = None
-        for name, mode in timed.items():
-            result: dict[str, Any] = {}
+        outputs: dict[str, Any] = {}
 
-            def call(mode: dict[str, Any] = mode, result: dict[str, Any] = result, inputs: Any = inputs) -> None:
-                result["out"] = model.generate(**inputs, **common, **mode)
+        def call(name: str, mode: dict[str, Any], inputs: Any = inputs, outputs: dict[str, Any] = outputs) -> None:
+            outputs[name] = model.generate(**inputs, **common, **mode)
 
-            seconds = _median_seconds(call, args.repeats)
-            plain = plain or seconds
-            stats = getattr(result["out"], "adaptive_stats", None)
+        calls = {name: (lambda name=name, mode=mode: call(name, mode)) for name, mode in _timed_modes(args).items()}
+        medians = _interleaved_medians(calls, args.repeats)
+        plain = medians["plain generate"]
+        for name, seconds in medians.items():
+            stats = getattr(outputs[name], "adaptive_stats", None)
             rows.append({
                 "part": "long", "mode": name, "batch": batch, "new_tokens": args.new_tokens, "seconds": seconds,
                 "tokens_per_second": batch * args.new_tokens / seconds, "time_vs_plain": seconds / plain,
@@ -222,7 +226,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="1/7 of the items, 2 repeats, 32 long tokens")
     parser.add_argument("--scale", type=float, default=1.5)
     parser.add_argument("--thresholds", type=float, nargs="+", default=None,
-                        help="adaptive thresholds (the first is timed); default 4 (quick) or 4 2 3 6 inf")
+                        help="adaptive thresholds for the accuracy table; default 4 (quick) or 4 2 3 6 inf")
+    parser.add_argument("--time-thresholds", type=float, nargs="+", default=None,
+                        help="adaptive thresholds timed (default: the first of --thresholds)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N items")
     parser.add_argument("--task-batch", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=6)
