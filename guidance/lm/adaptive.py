@@ -42,6 +42,22 @@ where no guided token follows: the tail after a row's last guided token, finishe
 rows that never need guidance (short answers, the end of a sentence). A guided step costs a
 second, sequential forward (the rule needs the conditional logits first), so with many guided
 tokens batched CFG can be faster; ``stats.decisions`` shows the pattern.
+
+Example:
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from guidance import cfg_generate
+    >>> from guidance.lm import AdaptiveLMGuidance
+    >>> _ = torch.manual_seed(0)
+    >>> lm = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+    ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, pad_token_id=0)).eval()
+    >>> prompt = torch.tensor([[3, 5, 7]])
+    >>> out = lm.generate(prompt, attention_mask=torch.ones_like(prompt), guidance_scale=1.5, max_new_tokens=4,
+    ...                   custom_generate=cfg_generate, guidance_adaptive=AdaptiveLMGuidance(threshold=4.0),
+    ...                   return_dict_in_generate=True)
+    >>> stats = out.adaptive_stats  # per row: positions computed, and what batched CFG would compute
+    >>> stats.unconditional_positions.shape, stats.full_cfg_positions.tolist(), stats.decisions.shape
+    (torch.Size([1]), [4], torch.Size([1, 4]))
 """
 
 from __future__ import annotations
