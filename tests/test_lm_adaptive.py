@@ -69,6 +69,15 @@ def test_off_is_bit_identical(tiny_lm, sampling):
     assert all(torch.equal(a, b) for a, b in zip(default.logits, off.logits, strict=True))
 
 
+def test_scale_one_with_adaptive_is_plain_generate(tiny_lm):
+    ids, mask = _left_pad(PROMPTS)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, return_dict_in_generate=True, output_scores=True)
+    plain = tiny_lm.generate(**kwargs)
+    ours = tiny_lm.generate(**kwargs, guidance_scale=1.0, custom_generate=cfg_generate, guidance_adaptive=4.0)
+    assert torch.equal(plain.sequences, ours.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(plain.scores, ours.scores, strict=True))
+
+
 @pytest.mark.parametrize("negative", [False, True])
 @pytest.mark.parametrize("cfg_form", ["log_probs", "logits"])
 def test_never_skipping_matches_batched_cfg(tiny_lm, negative, cfg_form):
