@@ -63,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="log_probs",
         help="Combine log-probabilities (paper, transformers) or raw logits.",
     )
+    parser.add_argument(
+        "--guidance-adaptive",
+        type=float,
+        default=None,
+        metavar="THRESHOLD",
+        help="Adaptive CFG: skip the unconditional branch for tokens where the unconditional model would have to "
+        "prefer the conditional top token by at least THRESHOLD nats to change it (e.g. 4; inf: exact rules only).",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64, help="Number of tokens to generate (1-4096).")
     parser.add_argument(
         "--do-sample",
@@ -128,6 +136,8 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         math.isfinite(args.repetition_penalty) and args.repetition_penalty > 0
     ):
         parser.error(f"--repetition-penalty must be a finite number > 0, got {args.repetition_penalty}")
+    if args.guidance_adaptive is not None and not args.guidance_adaptive >= 0:
+        parser.error(f"--guidance-adaptive must be a threshold in [0, inf], got {args.guidance_adaptive}")
     if args.width is not None and args.width < 20:
         parser.error(f"--width must be >= 20, got {args.width}")
     if args.threads is not None and args.threads < 1:
@@ -250,6 +260,7 @@ def _run(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance_scale,
         guidance_schedule=schedule,
         cfg_form=args.cfg_form,
+        **({} if args.guidance_adaptive is None else {"guidance_adaptive": args.guidance_adaptive}),
         **common,
     )
     _print(args, model_name, sampling, schedule, plain, guided)
@@ -268,7 +279,8 @@ def _print(args: argparse.Namespace, model_name: str, sampling: dict[str, Any], 
         f"model: {model_name}",
         f"prompt: {args.prompt!r}",
         f"negative prompt: {args.negative_prompt!r}" if args.negative_prompt else "negative prompt: (last prompt token)",
-        f"guidance: scale {scale_text}, {args.cfg_form} form",
+        f"guidance: scale {scale_text}, {args.cfg_form} form"
+        + ("" if args.guidance_adaptive is None else f", adaptive (threshold {args.guidance_adaptive:g})"),
         f"decoding: {decoding}, max_new_tokens={args.max_new_tokens}, seed={args.seed}",
     ]
     print("\n".join(settings))

@@ -6,6 +6,7 @@ naming the range (``GUIDANCE_ALLOW_UNTESTED_TRANSFORMERS=1`` turns that into a w
 """
 
 from guidance.lm import compat  # first: refuses an untested transformers before anything uses it
+from guidance.lm.adaptive import AdaptiveLMGuidance
 from guidance.lm.generate import CFG_FORMS, cfg_generate
 from guidance.lm.processors import CFGLogitsProcessor, ModelUnconditionalLogits
 from guidance.lm.steering import (
@@ -17,6 +18,7 @@ from guidance.lm.steering import (
 from guidance.lm.text import GenerationResult, encode_prompts, generate_text
 
 __all__ = [
+    "AdaptiveLMGuidance",
     "CFG_FORMS",
     "compat",
     "CFGLogitsProcessor",

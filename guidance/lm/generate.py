@@ -35,6 +35,7 @@ from transformers.generation.logits_process import TypicalLogitsWarper
 
 from guidance import ops
 from guidance.lm import compat
+from guidance.lm.adaptive import AdaptiveForward, AdaptiveLMGuidance, as_adaptive
 from guidance.lm.batching import build_guided_batch, expand_negative_prompt
 from guidance.lm.beams import cfg_beam_search
 from guidance.lm.sampling import GeneratorSampling, sample_with_generator
@@ -63,6 +64,7 @@ def cfg_generate(
     cfg_streamer: Any = None,
     generator: torch.Generator | None = None,
     cfg_fused_sampling: bool | None = None,
+    guidance_adaptive: AdaptiveLMGuidance | float | None = None,
     **model_kwargs: Any,
 ) -> GenerateDecoderOnlyOutput | GenerateBeamDecoderOnlyOutput | LongTensor:
     """Classifier-free guidance decoding with one batched forward per token.
@@ -105,6 +107,12 @@ def cfg_generate(
     same device and kernel (Triton on CUDA, PyTorch elsewhere), but not the tokens that
     ``torch.multinomial`` draws for that seed; the distribution is the same (the typical set
     is decided exactly, see :mod:`samplers.typical`).
+    - ``guidance_adaptive``: ``None`` (default, off) or a threshold (`float` in ``[0, inf]``) or
+      an :class:`~guidance.lm.adaptive.AdaptiveLMGuidance`: compute the unconditional logits
+      only for the rows and tokens where they can change the choice (greedy search and sampling;
+      see :mod:`guidance.lm.adaptive`). With ``return_dict_in_generate=True`` the output is an
+      ``AdaptiveGenerateOutput`` whose ``adaptive_stats`` counts, per row, the unconditional
+      positions computed (``unconditional_positions``) and what batched CFG would compute.
 
     Supported: greedy search, sampling, beam search and beam sampling (``num_beams``,
     ``num_return_sequences``, ``length_penalty``, ``early_stopping``; both branches' caches
@@ -132,34 +140,57 @@ def cfg_generate(
     """
     streamer = _pick_streamer(model_kwargs.pop("streamer", None), cfg_streamer)
     mode = _validate(model, generation_config, model_kwargs, cfg_form, streamer)
+    adaptive = as_adaptive(guidance_adaptive)
+    if adaptive is not None and mode == "beam":
+        raise ValueError(
+            "`guidance_adaptive` supports greedy search and sampling, not beam search (num_beams > 1)."
+        )
     logits_processor, scale, negative_ids, negative_mask = _take_transformers_cfg(logits_processor)
     if generator is not None and mode == "beam":
         raise ValueError("`generator` is supported with greedy search and sampling, not with beam search.")
-    logits_processor, generation_config = sample_with_generator(generator, logits_processor, generation_config)
+    logits_processor, generation_config = sample_with_generator(
+        generator, logits_processor, generation_config
+    )
     if cfg_fused_sampling is not None and not isinstance(cfg_fused_sampling, bool):
-        raise TypeError(f"`cfg_fused_sampling` must be None, True or False, got {type(cfg_fused_sampling).__name__}.")
+        raise TypeError(
+            f"`cfg_fused_sampling` must be None, True or False, got {type(cfg_fused_sampling).__name__}."
+        )
     if cfg_negative_prompt_ids is not None:
         if negative_ids is not None:
             raise ValueError("Pass either `negative_prompt_ids` or `cfg_negative_prompt_ids`, not both.")
         negative_ids, negative_mask = cfg_negative_prompt_ids, cfg_negative_prompt_attention_mask
-    scales = _scales(_schedule(scale, guidance_schedule), int(generation_config.max_length) - input_ids.shape[1])
+    scales = _scales(
+        _schedule(scale, guidance_schedule), int(generation_config.max_length) - input_ids.shape[1]
+    )
     guided = any(value != 1.0 for value in scales)
     if guided:  # builds (and validates) the two-branch batch before any output
-        forward = _two_branch_forward(model, input_ids, generation_config, negative_ids, negative_mask, model_kwargs)
+        forward = _two_branch_forward(
+            model, input_ids, generation_config, negative_ids, negative_mask, model_kwargs, adaptive, cfg_form
+        )
         draw = _fused_draw(forward, logits_processor, generation_config, cfg_fused_sampling, input_ids.device)
     if cfg_streamer is not None:
         cfg_streamer.put(input_ids.cpu())  # what generate does for its own `streamer`
     if not guided:
         return compat.run_transformers_decoding(
-            model, mode, input_ids, logits_processor, stopping_criteria, generation_config, streamer, **model_kwargs
+            model,
+            mode,
+            input_ids,
+            logits_processor,
+            stopping_criteria,
+            generation_config,
+            streamer,
+            **model_kwargs,
         )
     processors = _use_sort_free_typical(logits_processor)
     combine = _combine_fn(cfg_form)
     if mode == "beam":
-        return cfg_beam_search(forward, input_ids, processors, stopping_criteria, generation_config, scales, combine)
-    return _guided_sample(
+        return cfg_beam_search(
+            forward, input_ids, processors, stopping_criteria, generation_config, scales, combine
+        )
+    output = _guided_sample(
         forward, input_ids, processors, stopping_criteria, generation_config, streamer, scales, combine, draw
     )
+    return output if adaptive is None else forward.output(output)
 
 
 def _combine_fn(cfg_form: str) -> Callable[[Tensor, Tensor, float], Tensor]:
@@ -201,13 +232,19 @@ def _use_sort_free_typical(logits_processor: LogitsProcessorList) -> LogitsProce
     from samplers.typical import LocallyTypicalWarper
 
     return LogitsProcessorList(
-        LocallyTypicalWarper(p.mass, p.min_tokens_to_keep, p.filter_value) if type(p) is TypicalLogitsWarper else p
+        LocallyTypicalWarper(p.mass, p.min_tokens_to_keep, p.filter_value)
+        if type(p) is TypicalLogitsWarper
+        else p
         for p in logits_processor
     )
 
 
 def _validate(
-    model: Any, generation_config: GenerationConfig, model_kwargs: dict[str, Any], cfg_form: str, streamer: Any
+    model: Any,
+    generation_config: GenerationConfig,
+    model_kwargs: dict[str, Any],
+    cfg_form: str,
+    streamer: Any,
 ) -> str:
     """Reject what cfg_generate cannot do, before any work; return the decoding mode."""
     if getattr(model.config, "is_encoder_decoder", False):
@@ -233,7 +270,9 @@ def _validate(
     for key in ("cache", "past_key_values"):
         cache = model_kwargs.get(key)
         if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
-            raise ValueError(f"cfg_generate starts from an empty cache; the `{key}` passed already holds tokens.")
+            raise ValueError(
+                f"cfg_generate starts from an empty cache; the `{key}` passed already holds tokens."
+            )
     return mode
 
 
@@ -274,7 +313,9 @@ def _two_branch_forward(
     negative_ids: Tensor | None,
     negative_mask: Tensor | None,
     model_kwargs: dict[str, Any],
-) -> TwoBranchForward:
+    adaptive: AdaptiveLMGuidance | None = None,
+    cfg_form: str = "log_probs",
+) -> TwoBranchForward | AdaptiveForward:
     rows = input_ids.shape[0]
     if negative_ids is not None:
         num_prompts = _num_prompts(rows, generation_config)
@@ -291,12 +332,16 @@ def _two_branch_forward(
     extra = {k: v for k, v in model_kwargs.items() if k not in _REBUILT and v is not None}
     for key, value in extra.items():
         if isinstance(value, Tensor):
-            raise ValueError(f"cfg_generate cannot batch the model input `{key}`; only `input_ids` and "
-                             "`attention_mask` are supported.")
+            raise ValueError(
+                f"cfg_generate cannot batch the model input `{key}`; only `input_ids` and "
+                "`attention_mask` are supported."
+            )
     if generation_config.output_attentions:
         extra["output_attentions"] = True
     if generation_config.output_hidden_states:
         extra["output_hidden_states"] = True
+    if adaptive is not None:
+        return AdaptiveForward(model, batch, extra, adaptive, cfg_form)
     return TwoBranchForward(model, batch, extra)
 
 
@@ -325,8 +370,15 @@ def _guided_sample(
     for step in range(len(scales) + 1):
         outputs = forward()
         tokens, scores, cond_logits = _next_tokens(
-            forward, outputs, input_ids, logits_processor, generation_config, scales[min(step, len(scales) - 1)],
-            combine, step, draw,
+            forward,
+            outputs,
+            input_ids,
+            logits_processor,
+            generation_config,
+            scales[min(step, len(scales) - 1)],
+            combine,
+            step,
+            draw,
         )
         record.add(outputs, scores, cond_logits)
         del outputs
@@ -340,6 +392,8 @@ def _guided_sample(
             break
         if step >= last_guided:
             forward.drop_unconditional()
+        if finishes_rows:
+            forward.mark_unfinished(unfinished)  # adaptive guidance skips finished rows
         forward.append(tokens)
     if streamer is not None:
         streamer.end()
@@ -412,6 +466,8 @@ def _fused_draw(
         if requested:
             raise ValueError(f"`cfg_fused_sampling=True` cannot be honoured: {why}.")
         return None
-    if requested is None and not uses_triton(torch.empty((1, 1), device=device)):  # CPU: see benchmarks/fused_step.py
+    if requested is None and not uses_triton(
+        torch.empty((1, 1), device=device)
+    ):  # CPU: see benchmarks/fused_step.py
         return None
     return functools.partial(fused.sample, generator=generator)

@@ -93,6 +93,9 @@ class TwoBranchForward:
         full = torch.cat([index, index + self.rows]) if self.guided else index
         self._select(full)
 
+    def mark_unfinished(self, unfinished: Tensor) -> None:
+        """Rows that finished (``unfinished == 0``) stay in the batch, as in ``generate``; adaptive guidance drops them."""
+
     def drop_unconditional(self) -> None:
         """Guidance is off for the rest of the sequence: keep only the conditional rows."""
         if self.guided:
