@@ -2,7 +2,7 @@
 
 vLLM's plugin point for scheduling (``scheduler_cls``) is public, but a scheduler subclass
 works with the engine core's ``Request`` objects and the model runner's output. What this
-module touches, checked by ``tests/vllm/test_compat.py`` (which names the vLLM version when
+module touches, checked by ``tests/vllm/test_vllm_compat.py`` (which names the vLLM version when
 it fails):
 
 * ``vllm.v1.core.sched.scheduler.Scheduler``: ``add_request``, ``update_from_output``,

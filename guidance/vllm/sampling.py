@@ -14,7 +14,7 @@ request; this module holds them in vLLM's order (``vllm/v1/sample/sampler.py``):
    seed and the token position, so a seeded request draws the same tokens however the
    scheduler batches it (vLLM's own seeded draws depend on how many steps the row took).
 
-No vllm import: ``tests/vllm/test_sampling.py`` checks each step against vLLM's own
+No vllm import: ``tests/vllm/test_vllm_sampling.py`` checks each step against vLLM's own
 functions.
 """
 
