@@ -444,7 +444,7 @@ def test_bad_branch_configurations_are_rejected(sd):
         (dict(guider=PerpNeg(3.0)), ValueError, "negative"),
         (dict(branch_inputs={"negative": {"encoder_hidden_state": embeds}}), ValueError, "has no argument"),
         (dict(branch_inputs={"cond": {"encoder_hidden_states": embeds}}), ValueError, "other than 'cond'"),
-        (dict(branch_inputs={"negative": {"encoder_hidden_states": "blur"}}), TypeError, "must be a tensor"),
+        (dict(branch_inputs={"negative": {"encoder_hidden_states": "blur"}}), TypeError, "must be a torch.Tensor"),
         (dict(branch_inputs=[("negative", embeds)]), TypeError, "branch_inputs"),
         (dict(evaluator="parallel"), ValueError, "evaluator"),
         (dict(evaluator=object()), TypeError, "evaluator"),
