@@ -37,7 +37,7 @@ import math
 
 import torch
 
-from samplers.kernels import typical_filter
+from samplers.kernels.dispatch import typical_filter
 from samplers.kernels.reference import validate_filter_value, validate_mass, validate_min_tokens_to_keep
 
 __all__ = ["LocallyTypicalWarper", "boundary_flip_rates"]

@@ -508,7 +508,7 @@ def _drive_ours_and_reference(ours, reference, steps=4, shape=(2, 4, 8, 8)):
 
 
 def test_modular_components_match_diffusers_guiders():
-    from guidance.diffusion.modular import APGMixGuidance, MAMBOGuidance, TCFGGuidance
+    from guidance.diffusion.modular_more import APGMixGuidance, MAMBOGuidance, TCFGGuidance
 
     pairs = [
         (TCFGGuidance(guidance_scale=5.0), TangentialClassifierFreeGuidance(guidance_scale=5.0), (2, 4, 8, 8), 1e-4),
@@ -532,7 +532,7 @@ def test_fdg_component_matches_diffusers_when_kornia_is_installed():
     pytest.importorskip("kornia")
     from diffusers.guiders import FrequencyDecoupledGuidance
 
-    from guidance.diffusion.modular import FDGGuidance
+    from guidance.diffusion.modular_more import FDGGuidance
 
     for _run, mine, theirs in _drive_ours_and_reference(
         FDGGuidance(guidance_scales=[8.0, 3.0], parallel_weights=0.5),
@@ -577,7 +577,7 @@ def test_modular_components_equal_their_guider_and_round_trip(component, guider,
 
 
 def test_renorm_component_trunc_skips_the_unconditional_batch():
-    from guidance.diffusion.modular import RenormCFGGuidance
+    from guidance.diffusion.modular_more import RenormCFGGuidance
 
     guider = RenormCFGGuidance(guidance_scale=4.0, trunc=0.5)
     counts = []

@@ -304,8 +304,3 @@ class BetaCFGGuidance(GuiderComponent):
 
     def _build_guider(self, scale: float | Schedule) -> Guider:
         return BetaCFG(scale, a=self.a, b=self.b, gamma=self.gamma, rescale=self.guidance_rescale)
-
-from guidance.diffusion.modular_more import *  # noqa: E402, F401, F403  (the guiders of issue 12)
-from guidance.diffusion.modular_more import __all__ as _more  # noqa: E402
-
-__all__ += _more
