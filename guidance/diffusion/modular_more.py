@@ -9,7 +9,7 @@ ICG and TSG need an extra, perturbed evaluation and have no component here.
 
 Example:
     >>> import torch
-    >>> from guidance.diffusion.modular import TCFGGuidance
+    >>> from guidance.diffusion.modular_more import TCFGGuidance
     >>> g = TCFGGuidance(guidance_scale=3.0)
     >>> g.set_state(step=0, num_inference_steps=2, timestep=torch.tensor(999))
     >>> g.num_conditions
