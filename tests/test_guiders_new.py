@@ -553,7 +553,7 @@ def test_fdg_component_matches_diffusers_when_kornia_is_installed():
     ],
 )
 def test_modular_components_equal_their_guider_and_round_trip(component, guider, tmp_path):
-    from guidance.diffusion import modular
+    from guidance.diffusion import modular_more as modular
 
     kwargs = {
         "CFGNormGuidance": {"guidance_scale": 4.0, "strength": 0.9},
