@@ -161,7 +161,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--single-requests", type=int, default=4, help="requests run one by one at concurrency 1")
+    parser.add_argument("--single-requests", type=int, default=8, help="requests run one by one at concurrency 1")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     results = measure(args)
@@ -184,6 +184,13 @@ def main() -> None:
             "cost_vs_plain_vllm": {
                 name: {str(c): results["plain vLLM"][c]["tokens_per_s"] / v["tokens_per_s"] for c, v in by_c.items()}
                 for name, by_c in results.items()
+            },
+            "cost_vs_plain_on_the_cfg_engine": {
+                name: {
+                    str(c): results["plain, CFG engine"][c]["tokens_per_s"] / v["tokens_per_s"] for c, v in by_c.items()
+                }
+                for name, by_c in results.items()
+                if name.startswith("vLLM +")
             },
             "table": text,
         }

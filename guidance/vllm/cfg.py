@@ -32,11 +32,11 @@ from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate
 from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 
-from guidance.ops import cfg_log_probs
 from guidance.validation import check_finite, check_int
 from guidance.vllm._rows import RowTable, admission_check
 from guidance.vllm.sampling import RowSettings, decide_tokens
 from guidance.vllm.typical import typical_settings
+from samplers.kernels import cfg_log_softmax  # guidance.ops.cfg_log_probs, fused into one kernel on CUDA
 
 __all__ = [
     "CFG_KEYS",
@@ -212,16 +212,17 @@ class CFGLogitsProcessor(V1LogitsProcessor):
         cond_rows = torch.tensor([p[0] for p in pairs], device=logits.device)
         uncond_rows = torch.tensor([p[1] for p in pairs], device=logits.device)
         rows = [p[2] for p in pairs]
-        scales = torch.tensor([row.scale for row in rows], dtype=torch.float32, device=logits.device)
-        guided = cfg_log_probs(logits[cond_rows].float(), logits[uncond_rows].float(), scales)
+        scales = {row.scale for row in rows}
+        # One scale for all pairs (the usual case) takes the cheaper scalar path of the same formula.
+        scale = scales.pop() if len(scales) == 1 else torch.tensor([row.scale for row in rows], device=logits.device)
+        guided = cfg_log_softmax(logits[cond_rows].float(), logits[uncond_rows].float(), scale)
         tokens = decide_tokens(
             guided,
             [row.settings for row in rows],
             [row.prompt_ids for row in rows],
             [row.output_ids for row in rows],
         )
-        one_hot = torch.full((len(rows), logits.shape[-1]), -math.inf, dtype=logits.dtype, device=logits.device)
-        one_hot.scatter_(1, tokens[:, None], 0.0)
-        logits[cond_rows] = one_hot
-        logits[uncond_rows] = one_hot
+        both = torch.cat([cond_rows, uncond_rows])
+        logits.index_fill_(0, both, -math.inf)
+        logits[both, tokens.to(logits.device).repeat(2)] = 0.0
         return logits

@@ -3,9 +3,10 @@
 Every test module here starts with ``pytest.importorskip("vllm.sampling_params")`` (a plain
 ``importorskip("vllm")`` would accept this very folder, which Python can import as a namespace
 package ``vllm`` when ``tests/`` is on ``sys.path``), so the default test suite
-(no vLLM installed) skips them. Modules that need an engine build ONE, module-scoped, in
-this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, uni-process executor), with a small KV
-cache and eager execution; a start takes 35-70 s on the CI's CPU.
+(no vLLM installed) skips them. Engines run in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
+uni-process executor), eager, float32; a start takes 35-70 s on a small CPU, so the offline,
+load and classifier modules share ONE engine (:func:`shared_llm`), and the served and
+tensor-parallel modules start one each.
 """
 
 from __future__ import annotations
@@ -66,6 +67,22 @@ def _engine_core(llm):
 def build_llm(model_folder: str):
     """``build_llm(**kwargs)``: :func:`make_llm` on the embedded model (call it from a module-scoped fixture)."""
     return lambda **kwargs: make_llm(model_folder, **kwargs)
+
+
+#: The shared engine's limits: 14 KV blocks of 32 tokens (one is vLLM's null block, so 416 tokens
+#: for all running rows together) and 64 tokens per step, so that long prompts are prefilled in
+#: chunks and growing rows preempt each other (tests/vllm/test_cfg_load.py relies on both).
+SHARED_ENGINE = dict(max_model_len=384, block_size=32, num_gpu_blocks_override=14, max_num_batched_tokens=64,
+                     max_num_seqs=8)
+
+
+@pytest.fixture(scope="session")
+def shared_llm(build_llm):
+    """One engine with every processor of guidance.vllm (CFG pairs, typical_p, classifier) and small limits."""
+    import guidance.vllm as gv
+    from guidance.vllm.classifier import ClassifierLogitsProcessor
+
+    return build_llm(**SHARED_ENGINE, **gv.engine_kwargs(classifier=ClassifierLogitsProcessor))
 
 
 @pytest.fixture(scope="session")

@@ -15,23 +15,15 @@ pytest.importorskip("vllm.sampling_params")  # a real vLLM (tests/vllm itself ca
 
 from vllm import SamplingParams  # noqa: E402
 
-import guidance.vllm as gv  # noqa: E402
-
 WORDS = "the a dragon flew over city river mountain king queen castle forest night day sun moon star sea wind".split()
 BUDGET = 64  # tokens per step: prompts longer than this are prefilled in chunks
 
 
 @pytest.fixture(scope="module")
-def llm(build_llm):
-    # 14 KV blocks of 32 tokens (one is vLLM's null block): 416 tokens for all running rows together.
-    return build_llm(
-        max_model_len=384,
-        block_size=32,
-        num_gpu_blocks_override=14,
-        max_num_batched_tokens=BUDGET,
-        max_num_seqs=8,
-        **gv.engine_kwargs(),
-    )
+def llm(shared_llm):
+    # The shared engine: 416 KV tokens for all rows, 64 tokens per step (see conftest.SHARED_ENGINE).
+    assert shared_llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens == BUDGET
+    return shared_llm
 
 
 def _requests(count: int = 12, seed: int = 0) -> list[tuple[str, SamplingParams]]:
@@ -61,7 +53,10 @@ def test_each_output_equals_the_request_run_alone(llm, engine_core):
     scheduler._preempt_request = counting
     requests = _requests()
     discarded_before = scheduler.discarded_samples
-    together = llm.generate([p for p, _ in requests], [s for _, s in requests], use_tqdm=False)
+    try:
+        together = llm.generate([p for p, _ in requests], [s for _, s in requests], use_tqdm=False)
+    finally:
+        del scheduler._preempt_request
     assert preemptions, "the KV budget was meant to force preemptions"
     assert scheduler.discarded_samples > discarded_before, "no pair was split: the test would prove nothing"
     assert max(len(o.prompt_token_ids) for o in together) > BUDGET  # chunked prefills happened

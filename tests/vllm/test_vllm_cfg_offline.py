@@ -25,8 +25,8 @@ MAX_TOKENS = 20
 
 
 @pytest.fixture(scope="module")
-def llm(build_llm):
-    return build_llm(max_num_seqs=32, **gv.engine_kwargs())
+def llm(shared_llm):
+    return shared_llm
 
 
 @pytest.fixture(scope="module")

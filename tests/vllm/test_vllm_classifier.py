@@ -11,7 +11,6 @@ from transformers import LogitsProcessorList  # noqa: E402
 from vllm import SamplingParams  # noqa: E402
 from vllm.exceptions import VLLMValidationError  # noqa: E402
 
-import guidance.vllm as gv  # noqa: E402
 from guidance.lm.steering import ClassifierWeightedLogitsProcessor  # noqa: E402
 from guidance.vllm.classifier import ClassifierLogitsProcessor  # noqa: E402
 
@@ -20,8 +19,8 @@ MAX_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def llm(build_llm):
-    return build_llm(max_num_seqs=16, **gv.engine_kwargs(classifier=ClassifierLogitsProcessor))
+def llm(shared_llm):
+    return shared_llm
 
 
 @pytest.fixture(scope="module")

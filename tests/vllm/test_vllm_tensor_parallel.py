@@ -7,9 +7,13 @@ weights.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 pytest.importorskip("vllm.sampling_params")  # a real vLLM (tests/vllm itself can look like a namespace package "vllm")
+if os.environ.get("GUIDANCE_VLLM_TP", "0") in ("", "0"):
+    pytest.skip("two more worker processes; opt in with GUIDANCE_VLLM_TP=1", allow_module_level=True)
 
 import torch  # noqa: E402
 from vllm import SamplingParams  # noqa: E402
