@@ -9,9 +9,13 @@ thresholds, the guidance interval (Kynkaanniemi et al.; by default the middle ha
 run's noise levels) and a fixed-ratio cut-off. For each it reports network evaluations per image
 (sample rows through the denoiser, counted at its input layer), wall time per image (median of
 ``--repeats`` runs after one warm-up), both relative to plain CFG, and the largest absolute
-difference of the final latents from plain CFG (0 = same images). With ``--perturbed`` (default)
-it adds the perturbation guiders (CFG plus a perturbed branch: PAG batched and one call per
-branch, SEG, SLG, TPG, S^2-Guidance; AutoGuidance with the weak model on ``digits``).
+difference of the final latents from plain CFG (0 = same images). With ``--new-guiders`` (default)
+it adds the prediction-only guiders (TCFG, FDG, MAMBO-G, APG-mix, CFGNorm, Mahiro, FreSca,
+CFG-Renorm: two evaluations, the cost of their operator) and ICG and TSG (the conditional rows
+plus a reference branch batched with them). With ``--perturbed`` (default) it adds the
+perturbation guiders (CFG plus a perturbed branch: PAG batched and one call per branch, SEG,
+SLG, TPG, S^2-Guidance; AutoGuidance with the weak model on ``digits``, whose evaluations are
+counted on the main denoiser only).
 
 Part 2 times each guidance operator on one step's predictions (``guide()``: the guider plus,
 for x0-space operators, the conversions) and the adaptive cosine similarity, relative to one
@@ -48,14 +52,24 @@ from guidance.diffusion.schedulers import prediction_type as scheduler_predictio
 from guidance.guiders import (  # noqa: E402
     APG,
     CFG,
+    APGMix,
     AutoGuidance,
     BetaCFG,
+    CFGNorm,
     CFGZeroStar,
+    FrequencyDecoupled,
+    FreSca,
+    IndependentCondition,
+    MagnitudeAware,
     PerturbedAttention,
+    RenormCFG,
     RescaledCFG,
+    SimilarityAdaptive,
     SkipLayer,
     SmoothedEnergy,
     StochasticSelf,
+    TangentialCFG,
+    TimestepGuidance,
     TokenPerturbation,
     guide,
 )
@@ -178,6 +192,32 @@ PERTURBED_LAYERS = {
 }
 
 
+def prediction_guiders(w: float) -> list[tuple[str, Callable[[], Any]]]:
+    """The two-evaluation guiders of issue 12, as ``(name, make guider)``."""
+    return [
+        ("TCFG", lambda: TangentialCFG(w)),
+        ("FDG", lambda: FrequencyDecoupled((w, (w + 1) / 2))),
+        ("MAMBO-G", lambda: MagnitudeAware(w)),
+        ("APG-mix", lambda: APGMix(w, apg_scale=w)),
+        ("CFGNorm", lambda: CFGNorm(w)),
+        ("Mahiro", lambda: SimilarityAdaptive(w)),
+        ("FreSca", lambda: FreSca(w)),
+        ("CFG-Renorm", lambda: RenormCFG(w)),
+    ]
+
+
+def reference_configs(args: argparse.Namespace, pipe: Any) -> list[tuple[str, Callable[[], Any]]]:
+    """The prediction-only guiders, and ICG/TSG (conditional rows + a reference branch, batched)."""
+    w = args.scale
+    classes = 10 if args.pipeline in ("digits", "dit") else None
+    configs = [(name, lambda make=make: attach(pipe, make())) for name, make in prediction_guiders(w)]
+    configs += [
+        ("ICG (cond + random condition, batched)", lambda: attach(pipe, IndependentCondition(w, num_classes=classes))),
+        ("TSG (cond + noisy time embedding, batched)", lambda: attach(pipe, TimestepGuidance(w))),
+    ]
+    return configs
+
+
 def perturbed_configs(args: argparse.Namespace, pipe: Any) -> list[tuple[str, Callable[[], Any]]]:
     """CFG plus a perturbed branch (s = 1, every step): batched in one call, and PAG also one call per branch."""
     attention, blocks = PERTURBED_LAYERS[args.pipeline]
@@ -223,6 +263,8 @@ def part1(args: argparse.Namespace, pipe: Any, call: Callable[..., Any]) -> list
         )
     )
     configs.append(("cut-off ratio 0.5", lambda: attach(pipe, CFG(args.scale), adaptive=RatioCutoff(0.5))))
+    if args.new_guiders:
+        configs += reference_configs(args, pipe)
     if args.perturbed:
         configs += perturbed_configs(args, pipe)
 
@@ -294,6 +336,8 @@ def part2(args: argparse.Namespace, pipe: Any, call: Callable[..., Any]) -> list
         ("CFG-Zero*", lambda: CFGZeroStar(args.scale)),
         ("beta-CFG", lambda: BetaCFG(args.scale)),
     ]
+    if args.new_guiders:
+        operators += prediction_guiders(args.scale)
     rows = [
         {
             "operator": "one denoiser call ([uncond, cond])",
@@ -393,6 +437,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--op-repeats", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--new-guiders", action=argparse.BooleanOptionalAction, default=True,
+        help="also time TCFG, FDG, MAMBO-G, APG-mix, CFGNorm, Mahiro, FreSca, CFG-Renorm, ICG and TSG",
+    )
     parser.add_argument(
         "--perturbed", action=argparse.BooleanOptionalAction, default=True,
         help="also time the perturbation guiders (PAG, SEG, SLG, TPG, S2G; AutoGuidance on digits)",
