@@ -8,7 +8,9 @@ CFG (the pipeline's own), attached plain CFG, guidance off, adaptive guidance at
 thresholds, the guidance interval (Kynkaanniemi et al.; by default the middle half of the
 run's noise levels) and a fixed-ratio cut-off. For each it reports network evaluations per image
 (sample rows through the denoiser, counted at its input layer), wall time per image (median of
-``--repeats`` runs after one warm-up), both relative to plain CFG, and the largest absolute
+``--repeats`` rounds after one untimed call; each round times every configuration once, so that
+load from other processes biases none; ``--clock process`` counts this process's CPU time, which
+other processes on a shared machine barely disturb), both relative to plain CFG, and the largest absolute
 difference of the final latents from plain CFG (0 = same images). With ``--new-guiders`` (default)
 it adds the prediction-only guiders (TCFG, FDG, MAMBO-G, APG-mix, CFGNorm, Mahiro, FreSca,
 CFG-Renorm: two evaluations, the cost of their operator) and ICG and TSG (the conditional rows
@@ -242,6 +244,25 @@ def perturbed_configs(args: argparse.Namespace, pipe: Any) -> list[tuple[str, Ca
     return configs
 
 
+def run_config(
+    args: argparse.Namespace, pipe: Any, call: Callable[..., Any], name: str, make: Callable[[], Any] | None
+) -> dict[str, Any]:
+    """One untimed call under a configuration: its evaluations per image, latents and adaptive stops."""
+    handle = make() if make is not None else None
+    counter = RowCounter(pipe)
+    try:
+        latents = call(pipe, args.batch, args.steps, args.scale, args.seed)
+    finally:
+        counter.close()
+        if handle is not None:
+            handle.detach()
+    row: dict[str, Any] = {"config": name, "evaluations_per_image": counter.rows / args.batch, "latents": latents}
+    if handle is not None and isinstance(handle.adaptive, AdaptiveGuidance):
+        passed = [p for p in handle.stats.passed_at if p is not None]
+        row["samples_stopped"] = f"{len(passed)}/{args.batch}"
+    return row
+
+
 def part1(args: argparse.Namespace, pipe: Any, call: Callable[..., Any]) -> list[dict[str, Any]]:
     lo, hi = interval_bounds(pipe, args.steps)
     configs: list[tuple[str, Callable[[], Any] | None]] = [
@@ -268,32 +289,27 @@ def part1(args: argparse.Namespace, pipe: Any, call: Callable[..., Any]) -> list
     if args.perturbed:
         configs += perturbed_configs(args, pipe)
 
-    rows: list[dict[str, Any]] = []
-    reference = None
-    for name, make in tqdm(configs, desc="guidance configurations", leave=False):
-        handle = make() if make is not None else None
-        counter = RowCounter(pipe)
-        try:
-            seconds, latents = _median_time(
-                lambda: call(pipe, args.batch, args.steps, args.scale, args.seed), args.repeats
-            )
-        finally:
-            counter.close()
-            if handle is not None:
-                handle.detach()
-        evaluations = counter.rows / (args.repeats + 1) / args.batch
-        if reference is None:
-            reference = latents
-        row = {
-            "config": name,
-            "evaluations_per_image": evaluations,
-            "seconds_per_image": seconds / args.batch,
-            "max_abs_diff_vs_plain": float((latents - reference).abs().max()),
-        }
-        if handle is not None and isinstance(handle.adaptive, AdaptiveGuidance):
-            passed = [p for p in handle.stats.passed_at if p is not None]
-            row["samples_stopped"] = f"{len(passed)}/{args.batch}"
-        rows.append(row)
+    rows = [run_config(args, pipe, call, name, make) for name, make in tqdm(configs, desc="configurations", leave=False)]
+    reference = rows[0].pop("latents")
+    rows[0]["max_abs_diff_vs_plain"] = 0.0
+    for row in rows[1:]:
+        row["max_abs_diff_vs_plain"] = float((row.pop("latents") - reference).abs().max())
+    # Timed round-robin (every configuration once per round) so that load from other processes
+    # on a shared machine spreads evenly over the configurations instead of biasing some.
+    clock = time.process_time if args.clock == "process" else time.perf_counter
+    times: list[list[float]] = [[] for _ in configs]
+    for _ in tqdm(range(args.repeats), desc="timed rounds", leave=False):
+        for index, (_, make) in enumerate(configs):
+            handle = make() if make is not None else None
+            try:
+                start = clock()
+                call(pipe, args.batch, args.steps, args.scale, args.seed)
+                times[index].append(clock() - start)
+            finally:
+                if handle is not None:
+                    handle.detach()
+    for row, seconds in zip(rows, times, strict=True):
+        row["seconds_per_image"] = statistics.median(seconds) / args.batch
     base = rows[0]
     for row in rows:
         row["evaluations_vs_plain"] = row["evaluations_per_image"] / base["evaluations_per_image"]
@@ -444,6 +460,10 @@ def main() -> None:
     parser.add_argument(
         "--perturbed", action=argparse.BooleanOptionalAction, default=True,
         help="also time the perturbation guiders (PAG, SEG, SLG, TPG, S2G; AutoGuidance on digits)",
+    )
+    parser.add_argument(
+        "--clock", choices=["wall", "process"], default="wall",
+        help="time per image as wall time, or as this process's CPU time (steadier on a shared machine)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest)")
     parser.add_argument("--json", type=Path, default=None, help="write both tables as JSON here")
