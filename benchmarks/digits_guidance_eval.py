@@ -17,11 +17,18 @@ CFG-Zero*, CFG++ (its scale is lambda in [0, 1]), linear and cosine increasing s
 at equal mean scale, the guidance interval, adaptive guidance and a fixed-ratio cut-off; and
 the prediction-only guiders TCFG, FDG, MAMBO-G, APG-mix, CFGNorm, CFG-Renorm, Mahiro, FreSca,
 plus ICG and TSG (their reference branch, the conditional rows under a random class or a noisy
-time embedding, is evaluated by ``attach``'s branch mechanism).
+time embedding, is evaluated by ``attach``'s branch mechanism); and the perturbation guiders PAG,
+SEG, SLG, TPG, S^2-Guidance and AutoGuidance (the shipped weak digits model). NAG is not measured:
+it guides in cross-attention space and this UNet is conditioned by a class embedding, without
+cross-attention.
 Writes a JSON table, the plots and image grids, and prints the table.
 
-Run (about 20-40 minutes on 2 busy CPU cores; ``--quick`` for a smoke run):
-    python benchmarks/digits_guidance_eval.py --json benchmarks/results/digits_guidance.json
+The JSON is rewritten after every setting (``"partial": true`` until the run ends); the README's
+scales (3 and 8) run first. ``--replot`` redraws the figures from a JSON.
+
+The README's run (about 70 minutes of wall time on 2 busy CPU cores, 30 CPU-minutes; ``--quick``
+for a smoke run):
+    python benchmarks/digits_guidance_eval.py --per-class 30 --scales 1.5 3 5 8 --threads 1
 """
 
 from __future__ import annotations
@@ -719,7 +726,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
-    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "digits_guidance.json")
+    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "digits_guidance_full.json")
     parser.add_argument("--grids-dir", type=Path, default=ROOT / "benchmarks" / "results" / "digits_grids")
     parser.add_argument(
         "--images-dir", type=Path, default=ROOT / "docs" / "images", help="where the README figures go"
