@@ -146,6 +146,11 @@ class NormalizedAttention(CFG):
 
         if self._hook is None or isinstance(self._hook, NormalizedCrossAttention):
             check_denoiser(module)
+            if self._negative is None:
+                raise ValueError(
+                    "NormalizedAttention needs the negative context: "
+                    "`NormalizedAttention(..., negative=guidance.diffusion.prompt_inputs(pipe, 'blurry'))`."
+                )
 
     def _config(self) -> str:
         return (
