@@ -178,6 +178,11 @@ def _sd():
     return tiny_stable_diffusion()
 
 
+@functools.cache
+def _sdxl():
+    return tiny_stable_diffusion_xl()
+
+
 def _processors(module):
     return {n: m.get_processor() for n, m in module.named_modules() if hasattr(m, "set_processor")}
 
@@ -299,7 +304,7 @@ def test_cfg_plus_nag_batches_with_uncond_and_equals_separate_calls():
 
 
 def test_nag_on_sdxl_with_per_sample_negatives():
-    pipe = tiny_stable_diffusion_xl()
+    pipe = _sdxl()
     before = _processors(pipe.unet)
     negative = prompt_inputs(pipe, "blurry")["encoder_hidden_states"]
     kwargs = dict(num_inference_steps=STEPS, height=32, width=32, output_type="latent")
@@ -338,3 +343,68 @@ def test_guider_validation_and_unsupported_models():
     with pytest.raises(ValueError, match="cross-attention"):
         attach(pipe, NormalizedAttention(1.0, 5.0, negative=negative))
     assert getattr(pipe, "_guidance_handle", None) is None
+
+
+# ------------------------------------------------------------------ modular guider component (SDXL modular pipeline)
+
+
+@functools.cache
+def _sdxl_modular():
+    from diffusers import EulerDiscreteScheduler
+    from diffusers.modular_pipelines.stable_diffusion_xl.modular_blocks_stable_diffusion_xl import (
+        StableDiffusionXLCoreDenoiseStep,
+    )
+
+    sd = _sdxl()
+    pipe = StableDiffusionXLCoreDenoiseStep().init_pipeline()
+    pipe.update_components(unet=sd.unet, scheduler=EulerDiscreteScheduler.from_config(sd.scheduler.config))
+    gen = torch.Generator().manual_seed(1)
+    embeds = {
+        "prompt_embeds": torch.randn(1, 5, 64, generator=gen),
+        "pooled_prompt_embeds": torch.randn(1, 32, generator=gen),
+        "negative_prompt_embeds": torch.randn(1, 5, 64, generator=gen),
+        "negative_pooled_prompt_embeds": torch.randn(1, 32, generator=gen),
+    }
+    return pipe, sd.unet, embeds
+
+
+def _modular_run(guider):
+    pipe, unet, embeds = _sdxl_modular()
+    calls = []
+    handle = unet.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    pipe.update_components(guider=guider)
+    try:
+        latents = pipe(**embeds, height=32, width=32, num_inference_steps=STEPS,
+                       generator=torch.Generator().manual_seed(0), output="latents")
+    finally:
+        handle.remove()
+    return latents, len(calls)
+
+
+def test_modular_nag_component_in_the_sdxl_modular_pipeline():
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    from guidance.diffusion.modular_perturbed import NAGGuidance
+
+    _, unet, embeds = _sdxl_modular()
+    before, hooks = _processors(unet), _hook_count(unet)
+    cfg, cfg_calls = _modular_run(ClassifierFreeGuidance(5.0))
+    off, off_calls = _modular_run(NAGGuidance(5.0, 1.0))
+    assert torch.equal(off, cfg) and off_calls == cfg_calls == 2 * STEPS
+    both, _ = _modular_run(NAGGuidance(5.0, 4.0))
+    assert not torch.allclose(both, cfg, atol=1e-4)
+    only, calls = _modular_run(NAGGuidance(1.0, 4.0))  # negative: the pipeline's negative_prompt_embeds
+    assert calls == STEPS
+    originals = _with_processors(unet, lambda: ReferenceNAG(embeds["negative_prompt_embeds"], 4.0, 2.5, 0.25))
+    try:
+        expected, _ = _modular_run(ClassifierFreeGuidance(1.0))
+    finally:
+        for name, processor in originals.items():
+            unet.get_submodule(name).set_processor(processor)
+    torch.testing.assert_close(only, expected, rtol=1e-5, atol=1e-5)
+    component = NAGGuidance(1.0, 4.0)
+    component.negative = torch.zeros(1, 5, 64)  # an explicit negative wins over the pipeline's
+    explicit, _ = _modular_run(component)
+    assert component.negative is not None and not torch.allclose(explicit, only, atol=1e-4)
+    now = _processors(unet)
+    assert all(now[k] is before[k] for k in before) and _hook_count(unet) == hooks
