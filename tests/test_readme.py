@@ -43,7 +43,7 @@ def test_readme_test_command_is_what_ci_runs():
     steps = [step.strip() for step in _bash_block_after("**Run the tests**").split("&&")]
     positions = [ci.index(step) for step in steps]  # ValueError names a step CI does not run
     assert positions == sorted(positions), "CI runs the README's steps in another order"
-    assert steps[-1] == "python -m pytest"
+    assert steps[-2:] == ["python -m pytest", 'python -m pytest -m "slow or distributed or browser"']
 
 
 def test_ci_runs_the_lowest_versions_and_they_are_the_lower_bounds():
