@@ -533,7 +533,8 @@ def plot_tradeoffs(
     ax_sat.set_title("Saturation")
     ax_sat.legend(fontsize=7, ncol=2)
     ax_pair.set_xscale("log")
-    log_ticks = [4, 5, 7, 10, 15, 20, 30, 40, 60, 80, 120, 160]
+    top_fd = max(r["fd"] for r in rows if r["method"] in methods)
+    log_ticks = [t for t in (4, 5, 7, 10, 15, 20, 30, 40, 60, 80, 120, 160) if t <= 1.25 * top_fd]
     ax_fd.set_yticks(log_ticks)
     ax_pair.set_xticks(log_ticks)
     for axis in (ax_fd.yaxis, ax_pair.xaxis):
