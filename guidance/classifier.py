@@ -49,6 +49,7 @@ from guidance.validation import (
     check_no_nan,
     check_range,
     check_tensor,
+    check_tensor_range,
 )
 
 __all__ = [
@@ -390,14 +391,12 @@ def gedi_class_log_probs(
 def _prefix_counts(num_prefix_tokens: int | Tensor, batch: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """``num_prefix_tokens + 1`` as a tensor broadcasting against ``(C, B, V)``."""
     if isinstance(num_prefix_tokens, Tensor):
-        if num_prefix_tokens.is_complex() or num_prefix_tokens.dtype == torch.bool:
-            raise TypeError(f"`num_prefix_tokens` must hold real numbers, got dtype {num_prefix_tokens.dtype}.")
+        check_tensor(num_prefix_tokens, "num_prefix_tokens", real=True)
         if num_prefix_tokens.ndim > 1 or num_prefix_tokens.numel() not in (1, batch):
             raise ValueError(
                 f"`num_prefix_tokens` must be an integer or a ({batch},) tensor, got shape {tuple(num_prefix_tokens.shape)}."
             )
-        if not bool((torch.isfinite(num_prefix_tokens.double()) & (num_prefix_tokens >= 0)).all()):
-            raise ValueError(f"`num_prefix_tokens` must be finite counts >= 0, got {num_prefix_tokens.tolist()}.")
+        check_tensor_range(num_prefix_tokens, "num_prefix_tokens", 0.0, math.inf)
         return (num_prefix_tokens.to(device=device, dtype=dtype) + 1).reshape(1, -1, 1)
     return torch.tensor(check_int(num_prefix_tokens, "num_prefix_tokens", minimum=0) + 1, device=device, dtype=dtype)
 
