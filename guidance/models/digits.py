@@ -34,7 +34,6 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,8 @@ from diffusers import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
+
+from guidance.validation import check_choice, check_finite, check_int, check_range
 
 __all__ = [
     "NUM_CLASSES",
@@ -280,36 +281,11 @@ class DigitsPipeline(DiffusionPipeline):
         eta: float,
         callback_on_step_end_tensor_inputs: Sequence[str] | None,
     ) -> None:
-        if (
-            isinstance(guidance_scale, bool)
-            or not isinstance(guidance_scale, (int, float))
-            or not math.isfinite(guidance_scale)
-        ):
-            raise ValueError(f"`guidance_scale` must be a finite real number, got {guidance_scale!r}.")
-        if (
-            isinstance(num_inference_steps, bool)
-            or not isinstance(num_inference_steps, int)
-            or num_inference_steps < 1
-        ):
-            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
-        if num_inference_steps > self.scheduler.config.num_train_timesteps:
-            raise ValueError(
-                f"`num_inference_steps` must be <= {self.scheduler.config.num_train_timesteps}, got {num_inference_steps}."
-            )
-        if (
-            isinstance(num_images_per_prompt, bool)
-            or not isinstance(num_images_per_prompt, int)
-            or num_images_per_prompt < 1
-        ):
-            raise ValueError(
-                f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt!r}."
-            )
-        if output_type not in ("np", "pt", "pil", "latent"):
-            raise ValueError(
-                f"`output_type` must be one of 'np', 'pt', 'pil', 'latent', got {output_type!r}."
-            )
-        if not (0.0 <= float(eta) <= 1.0):
-            raise ValueError(f"`eta` must be in [0, 1], got {eta!r}.")
+        check_finite(guidance_scale, "guidance_scale")
+        check_int(num_inference_steps, "num_inference_steps", 1, self.scheduler.config.num_train_timesteps)
+        check_int(num_images_per_prompt, "num_images_per_prompt", minimum=1)
+        check_choice(output_type, "output_type", ("np", "pt", "pil", "latent"))
+        check_range(eta, "eta", 0.0, 1.0)
         if callback_on_step_end_tensor_inputs is not None:
             unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
             if unknown:
