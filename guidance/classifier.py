@@ -43,6 +43,7 @@ from torch import Tensor
 
 from guidance.validation import (
     check_bool,
+    check_choice,
     check_finite,
     check_int,
     check_logits,
@@ -265,14 +266,13 @@ def classifier_weighted_logits(
         tensor([[0.6137, 1.0000,   -inf]])
     """
     alpha = check_finite(alpha, "alpha")
-    if outside_top_k not in OUTSIDE_TOP_K:
-        raise ValueError(f"`outside_top_k` must be one of {OUTSIDE_TOP_K}, got {outside_top_k!r}.")
+    check_choice(outside_top_k, "outside_top_k", OUTSIDE_TOP_K)
     filter_value = check_range(filter_value, "filter_value", -math.inf, math.inf, hi_open=True)
     check_tensor(scores, "scores", floating=True)
     if scores.ndim != 2:
         raise ValueError(f"`scores` must have shape (batch, vocab), got {tuple(scores.shape)}.")
-    check_tensor(candidate_ids, "candidate_ids")
-    if candidate_ids.is_floating_point() or candidate_ids.is_complex() or candidate_ids.dtype == torch.bool:
+    check_tensor(candidate_ids, "candidate_ids", real=True)
+    if candidate_ids.is_floating_point():
         raise TypeError(f"`candidate_ids` must be an integer tensor, got dtype {candidate_ids.dtype}.")
     check_tensor(candidate_log_probs, "candidate_log_probs", floating=True)
     if candidate_ids.shape != candidate_log_probs.shape or candidate_ids.ndim != 2 or candidate_ids.shape[0] != scores.shape[0]:

@@ -41,6 +41,7 @@ from guidance.lm.beams import cfg_beam_search
 from guidance.lm.sampling import GeneratorSampling, sample_with_generator
 from guidance.lm.two_branch import OutputRecord, TwoBranchForward
 from guidance.schedules import Constant, Schedule, as_schedule
+from guidance.validation import check_choice
 
 __all__ = ["cfg_generate", "CFG_FORMS"]
 
@@ -261,8 +262,7 @@ def _validate(
         )
     if mode == "beam" and streamer is not None:
         raise ValueError("Streamers are not supported with beam search (num_beams > 1), as in transformers.")
-    if cfg_form not in CFG_FORMS:
-        raise ValueError(f"`cfg_form` must be one of {CFG_FORMS}, got {cfg_form!r}.")
+    check_choice(cfg_form, "cfg_form", CFG_FORMS)
     if model_kwargs.pop("synced_gpus", False):
         raise ValueError("cfg_generate does not support `synced_gpus`.")
     if model_kwargs.get("inputs_embeds") is not None:

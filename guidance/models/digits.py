@@ -146,8 +146,7 @@ def load_digits_scheduler(kind: str = "ddim", weights_dir: str | Path | None = N
 
     Keyword ``overrides`` replace entries of the shipped scheduler config.
     """
-    if kind not in _SCHEDULERS:
-        raise ValueError(f"`kind` must be one of {sorted(_SCHEDULERS)}, got {kind!r}.")
+    check_choice(kind, "kind", sorted(_SCHEDULERS))
     folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     config_path = folder / SCHEDULER_CONFIG
     config = json.loads(config_path.read_text()) if config_path.exists() else digits_scheduler_config()

@@ -39,6 +39,7 @@ from guidance.models.digits import (
     digits_unet_config,
     load_digits_split,
 )
+from guidance.validation import check_int, check_range
 
 __all__ = ["train", "heldout_loss", "main"]
 
@@ -85,10 +86,9 @@ def train(
     out: Path = WEIGHTS_DIR,
 ) -> dict:
     """Train the UNet and write its EMA weights, configs and log to ``out``; returns the log."""
-    if not (0.0 < cond_dropout < 1.0):
-        raise ValueError(f"`cond_dropout` must be in (0, 1), got {cond_dropout}.")
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"`steps` and `batch_size` must be >= 1, got {steps} and {batch_size}.")
+    check_range(cond_dropout, "cond_dropout", 0.0, 1.0, lo_open=True, hi_open=True)
+    check_int(steps, "steps", minimum=1)
+    check_int(batch_size, "batch_size", minimum=1)
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     images, labels = load_digits_split("train")

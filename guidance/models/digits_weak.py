@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
 from guidance.models.digits import NULL_CLASS, WEIGHTS_DIR, digits_scheduler_config, digits_unet_config
+from guidance.validation import check_int
 
 __all__ = ["digits_weak_unet_config", "build_digits_weak_unet", "load_digits_weak_unet", "train_weak", "main"]
 
@@ -80,8 +81,8 @@ def train_weak(
     from guidance.models.digits import load_digits_split
     from guidance.models.digits_train import _lr_factor, heldout_loss
 
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"`steps` and `batch_size` must be >= 1, got {steps} and {batch_size}.")
+    check_int(steps, "steps", minimum=1)
+    check_int(batch_size, "batch_size", minimum=1)
     torch.manual_seed(seed)
     images, labels = load_digits_split("train")
     heldout_images, heldout_labels = load_digits_split("heldout")
