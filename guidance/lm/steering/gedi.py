@@ -8,6 +8,7 @@ KV cache that follows beam-search reorderings) and keeps its running log-likelih
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ from guidance.lm import compat
 from guidance.lm.generation_state import GenerationTracker
 from guidance.lm.padding import left_pad
 from guidance.lm.steering.classifiers import model_device
-from guidance.validation import check_finite, check_int
+from guidance.validation import check_bool, check_finite, check_int, check_optional_int, check_range
 
 __all__ = ["GeDiLogitsProcessor"]
 
@@ -124,8 +125,8 @@ class GeDiLogitsProcessor(LogitsProcessor):
             Default 0.
         class_bias (`Sequence[float]`, *optional*): one finite bias per class, added after length
             normalisation (a log prior). Default: none.
-        logit_scale (`float`): GeDi's ``logit_scale``, any finite number (1 for an LM that was
-            not trained as GeDi). Default 1.
+        logit_scale (`float`): GeDi's ``logit_scale``, a finite number ``>= 0`` (1 for an LM that
+            was not trained as GeDi; 0 gives the likelihoods no weight). Default 1.
         length_normalize (`bool`): divide the class log-likelihoods by the number of scored
             tokens. Default True.
         score_prompt (`bool`): include the prompt's tokens in the class log-likelihoods (GeDi
@@ -170,7 +171,13 @@ class GeDiLogitsProcessor(LogitsProcessor):
         pad_token_id: int | None = None,
     ) -> None:
         check_finite(omega, "omega")
-        check_finite(logit_scale, "logit_scale")
+        # gedi_class_log_probs needs >= 0 (negative favours impossible classes): refuse it here, not at step 1
+        logit_scale = check_range(logit_scale, "logit_scale", 0.0, math.inf, hi_open=True)
+        length_normalize = check_bool(length_normalize, "length_normalize")
+        score_prompt = check_bool(score_prompt, "score_prompt")
+        if pad_token_id is None and tokenizer is not None:
+            pad_token_id = tokenizer.pad_token_id
+        self.pad_token_id = check_optional_int(pad_token_id, "pad_token_id", minimum=0)
         self._input_vocab, self._output_vocab = _vocab_sizes(class_lm)
         self.class_prompt_ids = _encode_class_prompts(class_prompts, tokenizer, self._input_vocab)
         self.class_bias = _check_class_options(desired_class, class_bias, len(self.class_prompt_ids))
@@ -180,9 +187,6 @@ class GeDiLogitsProcessor(LogitsProcessor):
         self.logit_scale = float(logit_scale)
         self.length_normalize = length_normalize
         self.score_prompt = score_prompt
-        if pad_token_id is None and tokenizer is not None:
-            pad_token_id = tokenizer.pad_token_id
-        self.pad_token_id = pad_token_id
         self.stats = {"steps": 0, "prefills": 0, "reorders": 0}
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(class_lm.forward).parameters
         self._cache_argument = compat.cache_argument(class_lm)  # `cache` or `past_key_values`, by version
