@@ -351,6 +351,10 @@ def test_bad_arguments_are_rejected_before_any_work(word_tokenizer):
             ClassifierWeightedLogitsProcessor(word_tokenizer, classifier, alpha=1.0, **kwargs)
     with pytest.raises(TypeError, match="callable"):
         ClassifierWeightedLogitsProcessor(word_tokenizer, "not a classifier", alpha=1.0)
+    with pytest.raises(TypeError, match="`include_prompt` must be a bool"):
+        ClassifierWeightedLogitsProcessor(word_tokenizer, classifier, alpha=1.0, include_prompt=0)
+    with pytest.raises(ValueError, match=r"`filter_value` must be a number in \[-inf, inf\)"):
+        ClassifierWeightedLogitsProcessor(word_tokenizer, classifier, alpha=1.0, filter_value=math.inf)
 
 
 def test_nan_scores_or_nan_classifier_output_are_clear_errors(word_tokenizer):
