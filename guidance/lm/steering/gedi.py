@@ -20,7 +20,7 @@ from transformers import DynamicCache, LogitsProcessor, PreTrainedModel
 from guidance.classifier import gedi_class_log_probs, gedi_logits
 from guidance.lm import compat
 from guidance.lm.generation_state import GenerationTracker
-from guidance.lm.padding import left_pad
+from guidance.lm.padding import left_pad, position_ids
 from guidance.lm.steering.classifiers import model_device
 from guidance.validation import check_bool, check_finite, check_int, check_optional_int, check_range
 
@@ -230,7 +230,7 @@ class GeDiLogitsProcessor(LogitsProcessor):
         self, out: Any, inputs: tuple[Tensor, Tensor, Tensor], lengths: Tensor, one_pass: bool
     ) -> Tensor:
         """``(C * B,)`` class log-likelihoods of each row's content (zero if not ``score_prompt``)."""
-        ids, mask, position_ids = inputs
+        ids, mask, positions = inputs
         longest = int(lengths.max())
         if not self.score_prompt:
             return torch.zeros(ids.shape[0], device=ids.device)
@@ -245,7 +245,7 @@ class GeDiLogitsProcessor(LogitsProcessor):
                 longest + 1,
                 input_ids=ids[rows],
                 attention_mask=mask[rows],
-                position_ids=position_ids[rows],
+                position_ids=positions[rows],
                 use_cache=False,
             )
             chunks.append(_scored_log_likelihood(chunk.logits, ids[rows], lengths[rows], longest))
@@ -256,8 +256,8 @@ class GeDiLogitsProcessor(LogitsProcessor):
         contents = [self._content(row) for row in input_ids.tolist()]
         sequences = [prompt + content for prompt in self.class_prompt_ids for content in contents]
         ids, mask = left_pad(sequences, pad_token_id=0)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        ids, mask, position_ids = ids.to(device), mask.to(device), position_ids.to(device)
+        ids, mask = ids.to(device), mask.to(device)
+        positions = position_ids(mask)
         batch = input_ids.shape[0]
         lengths = torch.tensor([len(content) for content in contents]).repeat(self.num_classes)
         longest = int(lengths.max())
@@ -267,17 +267,17 @@ class GeDiLogitsProcessor(LogitsProcessor):
             longest + 1 if one_pass else 1,
             input_ids=ids,
             attention_mask=mask,
-            position_ids=position_ids,
+            position_ids=positions,
             use_cache=True,
             **{self._cache_argument: cache},
         )
-        prefix_ll = self._prompt_log_likelihood(out, (ids, mask, position_ids), lengths, one_pass)
+        prefix_ll = self._prompt_log_likelihood(out, (ids, mask, positions), lengths, one_pass)
         logits = out.logits[:, -1].float()
         counts = lengths[:batch].to(torch.float32) if self.score_prompt else torch.zeros(batch)
         self._state = _ClassLMState(
             cache=cache,
             mask=mask,
-            position=position_ids[:, -1],
+            position=positions[:, -1],
             next_log_probs=torch.log_softmax(logits, dim=-1).view(self.num_classes, batch, -1),
             prefix_ll=prefix_ll.view(self.num_classes, batch).to(logits.device),
             counts=counts.to(logits.device),
