@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import UNet2DModel
 
-from guidance.models.digits import NULL_CLASS, WEIGHTS_DIR, digits_scheduler_config, digits_unet_config
+from guidance.models.digits import WEIGHTS_DIR, digits_unet_config
 from guidance.validation import check_int
 
 __all__ = ["digits_weak_unet_config", "build_digits_weak_unet", "load_digits_weak_unet", "train_weak", "main"]
@@ -79,38 +78,25 @@ def train_weak(
     from safetensors.torch import save_file
 
     from guidance.models.digits import load_digits_split
-    from guidance.models.digits_train import _lr_factor, heldout_loss
+    from guidance.models.digits_train import DigitsTrainer, heldout_loss
 
     check_int(steps, "steps", minimum=1)
     check_int(batch_size, "batch_size", minimum=1)
     torch.manual_seed(seed)
     images, labels = load_digits_split("train")
     heldout_images, heldout_labels = load_digits_split("heldout")
-    noise_scheduler = DDPMScheduler.from_config(digits_scheduler_config())
-    unet = build_digits_weak_unet(seed).train()
-    ema = build_digits_weak_unet(seed).eval().requires_grad_(False)
-    ema.load_state_dict(unet.state_dict())
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, min(50, steps), steps))
-    gen = torch.Generator().manual_seed(seed)
+    trainer = DigitsTrainer(
+        build_digits_weak_unet,
+        seed=seed,
+        lr=lr,
+        warmup=min(50, steps),
+        steps=steps,
+        cond_dropout=cond_dropout,
+        ema_decay=ema_decay,
+    )
     start = time.perf_counter()
-    losses = []
-    for step in range(steps):
-        idx = torch.randint(0, images.shape[0], (batch_size,), generator=gen)
-        x0, y = images[idx], labels[idx].clone()
-        y[torch.rand(batch_size, generator=gen) < cond_dropout] = NULL_CLASS
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
-        loss = F.mse_loss(unet(noise_scheduler.add_noise(x0, noise, t), t, class_labels=y).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), unet.parameters(), strict=True):
-                p_ema.lerp_(p, 1.0 - min(ema_decay, (1 + step) / (10 + step)))
-        losses.append(float(loss))
+    losses = [trainer.step(step, images, labels, batch_size) for step in range(steps)]
+    ema, noise_scheduler = trainer.ema, trainer.noise_scheduler
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(out / WEAK_WEIGHTS))
