@@ -41,7 +41,7 @@ from guidance.lm.beams import cfg_beam_search
 from guidance.lm.sampling import GeneratorSampling, sample_with_generator
 from guidance.lm.two_branch import OutputRecord, TwoBranchForward
 from guidance.schedules import Constant, Schedule, as_schedule
-from guidance.validation import check_choice
+from guidance.validation import check_bool, check_choice
 
 __all__ = ["cfg_generate", "CFG_FORMS"]
 
@@ -152,10 +152,8 @@ def cfg_generate(
     logits_processor, generation_config = sample_with_generator(
         generator, logits_processor, generation_config
     )
-    if cfg_fused_sampling is not None and not isinstance(cfg_fused_sampling, bool):
-        raise TypeError(
-            f"`cfg_fused_sampling` must be None, True or False, got {type(cfg_fused_sampling).__name__}."
-        )
+    if cfg_fused_sampling is not None:
+        check_bool(cfg_fused_sampling, "cfg_fused_sampling")
     if cfg_negative_prompt_ids is not None:
         if negative_ids is not None:
             raise ValueError("Pass either `negative_prompt_ids` or `cfg_negative_prompt_ids`, not both.")
