@@ -23,7 +23,6 @@ classes. With guidance off, ``generate``'s own decoding runs instead
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,7 +40,7 @@ from guidance.lm.beams import cfg_beam_search
 from guidance.lm.sampling import GeneratorSampling, sample_with_generator
 from guidance.lm.two_branch import OutputRecord, TwoBranchForward
 from guidance.schedules import Constant, Schedule, as_schedule
-from guidance.validation import check_bool, check_choice
+from guidance.validation import check_bool, check_choice, check_finite
 
 __all__ = ["cfg_generate", "CFG_FORMS"]
 
@@ -285,11 +284,7 @@ def _schedule(scale: float | None, guidance_schedule: Any) -> Schedule:
 
 
 def _scales(schedule: Schedule, num_steps: int) -> list[float]:
-    scales = [float(schedule(step, num_steps, None)) for step in range(max(num_steps, 0))]
-    for step, scale in enumerate(scales):
-        if not math.isfinite(scale):
-            raise ValueError(f"`guidance_schedule` must return finite scales; step {step} gave {scale}.")
-    return scales
+    return [check_finite(schedule(step, num_steps, None), f"guidance_schedule({step})") for step in range(max(num_steps, 0))]
 
 
 def _pad_value(generation_config: GenerationConfig) -> int | None:
