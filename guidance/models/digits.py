@@ -63,6 +63,7 @@ __all__ = [
     "digits_scheduler_config",
     "build_digits_unet",
     "load_digits_unet",
+    "load_unet",
     "load_digits_scheduler",
     "load_digits_pipeline",
     "load_digits_split",
@@ -124,21 +125,31 @@ def build_digits_unet(seed: int | None = None) -> UNet2DModel:
     return UNet2DModel(**digits_unet_config())
 
 
-def load_digits_unet(weights_dir: str | Path | None = None) -> UNet2DModel:
-    """The trained UNet, read from safetensors (no pickle), in float32 and eval mode."""
+def load_unet(
+    weights_dir: str | Path | None, weights_name: str, config_name: str, default_config: dict[str, Any], trainer: str
+) -> UNet2DModel:
+    """A trained digits UNet from ``weights_dir`` (default: the shipped weights) in float32 and eval mode.
+
+    Weights are read from safetensors (no pickle); the config from ``config_name`` there, else
+    ``default_config``. A missing weights file raises ``FileNotFoundError`` naming ``trainer``,
+    the module that trains it.
+    """
     from safetensors.torch import load_file
 
     folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
-    weights = folder / UNET_WEIGHTS
+    weights = folder / weights_name
     if not weights.exists():
-        raise FileNotFoundError(
-            f"{weights} is missing; train it with `python -m guidance.models.digits_train`."
-        )
-    config_path = folder / UNET_CONFIG
-    config = json.loads(config_path.read_text()) if config_path.exists() else digits_unet_config()
+        raise FileNotFoundError(f"{weights} is missing; train it with `python -m {trainer}`.")
+    config_path = folder / config_name
+    config = json.loads(config_path.read_text()) if config_path.exists() else default_config
     unet = UNet2DModel(**config)
     unet.load_state_dict(load_file(str(weights)), strict=True)
     return unet.eval().requires_grad_(False)
+
+
+def load_digits_unet(weights_dir: str | Path | None = None) -> UNet2DModel:
+    """The trained UNet, read from safetensors (no pickle), in float32 and eval mode."""
+    return load_unet(weights_dir, UNET_WEIGHTS, UNET_CONFIG, digits_unet_config(), "guidance.models.digits_train")
 
 
 def load_digits_scheduler(kind: str = "ddim", weights_dir: str | Path | None = None, **overrides: Any):

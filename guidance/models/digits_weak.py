@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from diffusers import UNet2DModel
 
-from guidance.models.digits import WEIGHTS_DIR, digits_unet_config
+from guidance.models.digits import WEIGHTS_DIR, digits_unet_config, load_unet
 from guidance.validation import check_int
 
 __all__ = ["digits_weak_unet_config", "build_digits_weak_unet", "load_digits_weak_unet", "train_weak", "main"]
@@ -52,17 +52,7 @@ def build_digits_weak_unet(seed: int | None = None) -> UNet2DModel:
 
 def load_digits_weak_unet(weights_dir: str | Path | None = None) -> UNet2DModel:
     """The trained weak UNet from safetensors (no pickle), float32, eval mode."""
-    from safetensors.torch import load_file
-
-    folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
-    weights = folder / WEAK_WEIGHTS
-    if not weights.exists():
-        raise FileNotFoundError(f"{weights} is missing; train it with `python -m guidance.models.digits_weak`.")
-    config_path = folder / WEAK_CONFIG
-    config = json.loads(config_path.read_text()) if config_path.exists() else digits_weak_unet_config()
-    unet = UNet2DModel(**config)
-    unet.load_state_dict(load_file(str(weights)), strict=True)
-    return unet.eval().requires_grad_(False)
+    return load_unet(weights_dir, WEAK_WEIGHTS, WEAK_CONFIG, digits_weak_unet_config(), "guidance.models.digits_weak")
 
 
 def train_weak(
