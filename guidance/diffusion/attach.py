@@ -328,6 +328,8 @@ def attach(
     guider = _as_guider(pipe, guider)
     inputs = _check_branch_inputs(branch_inputs, module)
     _check_guider(guider, mode, inputs)
+    if callable(getattr(guider, "check_denoiser", None)):  # e.g. NAG needs cross-attention layers
+        guider.check_denoiser(module)
     if prediction_type is not None:
         prediction_type = normalize_prediction_type(prediction_type)
     _check_scheduler(pipe, guider, mode, prediction_type)
