@@ -175,7 +175,7 @@ class _PipelineScale:
 
     def __call__(self, step: int, num_steps: int | None = None, sigma: float | None = None) -> float:
         scale = getattr(self.pipe, "guidance_scale", None)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        if not is_real_number(scale):
             raise ValueError(
                 f"{type(self.pipe).__name__} does not expose its guidance scale (`guidance_scale`); "
                 "pass a guider or a scale to `attach`."

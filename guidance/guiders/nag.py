@@ -14,7 +14,6 @@ conditional prediction; the unconditional rows run without NAG.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from guidance.branches import COND, UNCOND, Branch
@@ -22,7 +21,7 @@ from guidance.guiders.base import Dims
 from guidance.guiders.cfg import CFG
 from guidance.ops.nag import check_nag_settings
 from guidance.schedules import Schedule, as_schedule
-from guidance.validation import check_range
+from guidance.validation import check_finite, check_range
 
 __all__ = ["NormalizedAttention"]
 
@@ -120,10 +119,7 @@ class NormalizedAttention(CFG):
         inside = num_steps is None or self.start * num_steps <= step < self.stop * num_steps
         if not inside or self.alpha == 0.0:
             return 1.0
-        value = float(self.nag_schedule(step, num_steps, sigma))
-        if not math.isfinite(value):
-            raise ValueError(f"The NAG scale schedule returned {value!r} at step {step}.")
-        return value
+        return check_finite(self.nag_schedule(step, num_steps, sigma), f"nag_schedule({step})")
 
     def branches(self, step: int, num_steps: int | None = None, sigma: float | None = None) -> tuple[Branch, ...]:
         s = self.nag_scale_at(step, num_steps, sigma)
