@@ -199,8 +199,8 @@ def tiny_stable_diffusion_xl(scheduler: Any = None, seed: int = 0) -> Any:
     return pipe
 
 
-def tiny_stable_diffusion_3(scheduler: Any = None, seed: int = 0) -> Any:
-    """A ``StableDiffusion3Pipeline`` (flow matching) with a 1-layer ``SD3Transformer2DModel``.
+def tiny_stable_diffusion_3(scheduler: Any = None, seed: int = 0, num_layers: int = 1) -> Any:
+    """A ``StableDiffusion3Pipeline`` (flow matching) with a ``num_layers``-layer ``SD3Transformer2DModel`` (default 1).
 
     The T5 encoder is left out (the pipeline then uses zeros for it, as SD3 allows);
     pass ``max_sequence_length=4`` to keep those zeros short.
@@ -213,7 +213,7 @@ def tiny_stable_diffusion_3(scheduler: Any = None, seed: int = 0) -> Any:
         sample_size=8,
         patch_size=1,
         in_channels=4,
-        num_layers=1,
+        num_layers=num_layers,
         attention_head_dim=8,
         num_attention_heads=4,
         caption_projection_dim=32,

@@ -35,7 +35,9 @@ class NormalizedAttention(CFG):
             setting; its SDXL-DMD2 example uses 3).
         negative (Tensor | Mapping | None): the negative context: text embeddings
             ``(1 or batch, tokens, features)`` or denoiser inputs with ``encoder_hidden_states``
-            (``guidance.diffusion.prompt_inputs(pipe, "blurry")``). Required before the first guided step.
+            (``guidance.diffusion.prompt_inputs(pipe, "blurry")``; on SD3 its ``pooled_projections``
+            modulate the negative text stream, else the prompt's own are used). Required before
+            the first guided step.
         tau (float): cap of the per-token norm ratio ``||z~|| / ||z+||``, ``> 0``. Default 2.5.
         alpha (float): blend weight of the normalised output in ``[0, 1]`` (0: off). Default 0.25.
         norm (str): per-token norm, ``"l1"`` (default; official UNet code, ComfyUI) or ``"l2"``
@@ -86,7 +88,7 @@ class NormalizedAttention(CFG):
         if hook is not None and not callable(getattr(hook, "apply", None)):
             raise TypeError(f"`hook` must have `apply(module, rows)`, `per_row` and `scale`, got {hook!r}.")
         self.layers, self._hook = layers, hook
-        self._negative = None
+        self._negative = self._negative_value = None
         if negative is not None:
             self.negative = negative
 
@@ -97,11 +99,13 @@ class NormalizedAttention(CFG):
 
     @negative.setter
     def negative(self, value: Any) -> None:
-        from guidance.perturbations.normalized_attention import negative_context
+        from guidance.perturbations.normalized_attention import negative_context, negative_pooled
 
         self._negative = None if value is None else negative_context(value)
+        negative_pooled(value)  # validated here, kept in the value handed to the hook
+        self._negative_value = value
         if self._hook is not None and hasattr(self._hook, "negative"):
-            self._hook.negative = self._negative
+            self._hook.negative = value
 
     @property
     def hook(self) -> Any:
@@ -110,7 +114,7 @@ class NormalizedAttention(CFG):
             from guidance.perturbations import NormalizedCrossAttention
 
             self._hook = NormalizedCrossAttention(
-                self._negative, tau=self.tau, alpha=self.alpha, norm=self.norm, layers=self.layers
+                self._negative_value, tau=self.tau, alpha=self.alpha, norm=self.norm, layers=self.layers
             )
         return self._hook
 

@@ -9,11 +9,12 @@ output. Reusing the layer's own processor keeps whatever attention kernel, maski
 normalisation it has; only the extra cross-attention costs anything (about one more
 cross-attention per layer for the branch's rows, not a second forward).
 
-Only attention modules with a separate context (diffusers ``Attention`` with
-``is_cross_attention``: the ``attn2`` layers of SD/SDXL UNets and of PixArt-style transformers)
-are changed. Joint text+image attention (SD3, Flux) has no such layer: its text tokens evolve
-through the blocks, so the negative context would have to run through the whole network as a
-second text stream (the official Flux implementation does this); that is not supported here.
+On UNets and PixArt-style transformers, the attention modules with a separate context
+(diffusers ``Attention`` with ``is_cross_attention``: the ``attn2`` layers) are changed. SD3-style
+joint text+image attention (MMDiT) has no such layer: its text tokens evolve through the blocks,
+so the negative prompt runs through the network as a second text stream, carried as extra text
+rows (:mod:`~guidance.perturbations.normalized_joint_attention`, as the official Flux code does).
+Flux (single-stream blocks) is not supported.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from torch import Tensor
 from guidance.ops.nag import check_nag_settings, normalized_attention_guidance
 from guidance.perturbations._common import Layers, RowProcessor, layer_matcher
 from guidance.perturbations.hooks import AttentionProcessors
+from guidance.perturbations.normalized_joint_attention import is_joint_transformer, joint_nag
 from guidance.validation import check_tensor
 
-__all__ = ["NormalizedCrossAttention", "is_cross_attention", "negative_context"]
+__all__ = ["NormalizedCrossAttention", "is_cross_attention", "negative_context", "negative_pooled"]
 
 
 def is_cross_attention(module: Any) -> bool:
@@ -65,6 +67,30 @@ def negative_context(negative: Any, name: str = "negative") -> Tensor:
             f"`{name}` must have shape (batch or 1, tokens, features), got {tuple(negative.shape)}."
         )
     return negative
+
+
+def negative_pooled(negative: Any, name: str = "negative") -> Tensor | None:
+    """The negative pooled text embedding in ``negative`` (its ``pooled_projections``), or ``None``.
+
+    Used on SD3-style joint attention only, where the negative text stream is modulated by a time
+    embedding that includes the pooled embedding; ``(batch or 1, features)``.
+
+    Example:
+        >>> import torch
+        >>> from guidance.perturbations.normalized_attention import negative_pooled
+        >>> negative_pooled({"encoder_hidden_states": torch.zeros(1, 4, 8), "pooled_projections": torch.zeros(1, 6)}).shape
+        torch.Size([1, 6])
+        >>> negative_pooled(torch.zeros(1, 4, 8)) is None
+        True
+    """
+    if not isinstance(negative, Mapping) or negative.get("pooled_projections") is None:
+        return None
+    pooled = check_tensor(negative["pooled_projections"], f"{name}['pooled_projections']", floating=True)
+    if pooled.ndim != 2:
+        raise ValueError(
+            f"`{name}['pooled_projections']` must have shape (batch or 1, features), got {tuple(pooled.shape)}."
+        )
+    return pooled
 
 
 class _Guided:
@@ -117,20 +143,22 @@ class _Guided:
 
 
 class NormalizedCrossAttention(AttentionProcessors):
-    """Hook: NAG in the cross-attention layers matched by ``layers`` (Normalized Attention Guidance).
+    """Hook: NAG in the cross-attention (or SD3 joint-attention) layers matched by ``layers`` (Normalized Attention Guidance).
 
     Args:
         negative (Tensor | Mapping | None): the negative context, ``(1 or batch, tokens, features)``
             (one row shared by every sample, or one per sample of the branch), or denoiser inputs
-            with ``encoder_hidden_states`` (:func:`~guidance.diffusion.prompt_inputs`). ``None``:
-            set :attr:`negative` before the hook is applied.
+            with ``encoder_hidden_states`` (:func:`~guidance.diffusion.prompt_inputs`; on SD3 also
+            ``pooled_projections``, which modulate the negative text stream). ``None``: set
+            :attr:`negative` before the hook is applied.
         scale (float): NAG scale ``s`` (finite; 1 is off). Default 5.
         tau (float): norm-ratio cap, ``> 0``. Default 2.5.
         alpha (float): blend weight in ``[0, 1]``. Default 0.25.
         norm (str): ``"l1"`` (default) or ``"l2"``.
         layers (str | Sequence[str] | Callable | None): which layers (see
             :func:`~guidance.perturbations.layer_matcher`); only cross-attention modules among the
-            matches are changed. ``None`` (default): every cross-attention layer, as the paper.
+            matches are changed (on SD3: only the matched joint attentions guide, every block
+            carries the negative text stream). ``None`` (default): every layer, as the paper.
 
     Acts per row (``per_row=True``): the rows of other branches sharing the call run the layer's
     own processor. ``scale`` may be changed between applications (a schedule sets it per step).
@@ -156,8 +184,22 @@ class NormalizedCrossAttention(AttentionProcessors):
         self.scale, self.tau, self.alpha, self.norm = check_nag_settings(scale, tau, alpha, norm)
         matcher = (lambda name, module: True) if layers is None else layer_matcher(layers)
         super().__init__(self._make, lambda n, m: is_cross_attention(m) and matcher(n, m), per_row=True)
-        self.spec = layers
-        self.negative = None if negative is None else negative_context(negative)
+        self.spec, self._matcher = layers, matcher
+        self.negative = negative
+
+    @property
+    def negative(self) -> Tensor | None:
+        """The negative context tensor (``None`` while unset); set it to a tensor or denoiser inputs.
+
+        Setting denoiser inputs with ``pooled_projections`` also sets :attr:`negative_pooled`
+        (used on SD3-style joint attention; ``None``: the guided rows' own pooled embeddings).
+        """
+        return self._negative
+
+    @negative.setter
+    def negative(self, value: Any) -> None:
+        self._negative = None if value is None else negative_context(value)
+        self.negative_pooled = None if value is None else negative_pooled(value)
 
     def _make(self, name: str, original: Any, rows: slice | None) -> RowProcessor:
         return RowProcessor(original, _Guided(self, original, name), rows)
@@ -169,11 +211,25 @@ class NormalizedCrossAttention(AttentionProcessors):
                 "`guidance.diffusion.prompt_inputs(pipe, 'blurry')`)."
             )
         check_denoiser(module)
+        if is_joint_transformer(module):
+            return joint_nag(self, module, rows, self._matcher)
         return super().apply(module, rows)
 
-    def context_rows(self, rows: int, like: Tensor) -> Tensor:
-        """The negative context for ``rows`` rows, in ``like``'s dtype and device."""
-        negative = self.negative.to(device=like.device, dtype=like.dtype)
+    def pooled_rows(self, guided: Tensor, pooled: Tensor) -> Tensor:
+        """The negative pooled embeddings for the ``guided`` rows of ``pooled`` (theirs where none is set)."""
+        if self.negative_pooled is None:
+            return pooled[guided.to(pooled.device)]
+        negative = self.negative_pooled.to(device=pooled.device, dtype=pooled.dtype)
+        if negative.shape[1:] != pooled.shape[1:]:
+            raise ValueError(
+                f"The NAG negative pooled embedding has {tuple(negative.shape[1:])} features per row, the "
+                f"prompt's {tuple(pooled.shape[1:])}."
+            )
+        return self.context_rows(len(guided), pooled, negative)
+
+    def context_rows(self, rows: int, like: Tensor, negative: Tensor | None = None) -> Tensor:
+        """The negative context (or ``negative``) for ``rows`` rows, in ``like``'s dtype and device."""
+        negative = (self.negative if negative is None else negative).to(device=like.device, dtype=like.dtype)
         if negative.shape[0] == 1:
             return negative.expand(rows, *negative.shape[1:])
         if negative.shape[0] != rows:
@@ -191,7 +247,7 @@ class NormalizedCrossAttention(AttentionProcessors):
 
 
 def check_denoiser(module: Any) -> None:
-    """Raise ``ValueError`` unless ``module`` has a cross-attention layer NAG can act on.
+    """Raise ``ValueError`` unless ``module`` has cross-attention layers or is an SD3-style joint-attention transformer.
 
     Example:
         >>> import torch
@@ -199,11 +255,13 @@ def check_denoiser(module: Any) -> None:
         >>> check_denoiser(torch.nn.Linear(2, 2))
         Traceback (most recent call last):
         ...
-        ValueError: NAG acts on cross-attention layers (a separate text context: the `attn2` layers of SD/SDXL UNets, PixArt); Linear has none. Joint-attention models (SD3, Flux) and models without a text context (DiT, UNet2DModel) are not supported.
+        ValueError: NAG acts on cross-attention layers (a separate text context: the `attn2` layers of SD/SDXL UNets, PixArt) or on SD3-style joint attention; Linear has neither. Flux and models without a text context (DiT, UNet2DModel) are not supported.
     """
+    if is_joint_transformer(module):
+        return
     if not any(is_cross_attention(sub) for _, sub in module.named_modules()):
         raise ValueError(
             "NAG acts on cross-attention layers (a separate text context: the `attn2` layers of SD/SDXL "
-            f"UNets, PixArt); {type(module).__name__} has none. Joint-attention models (SD3, Flux) and models "
-            "without a text context (DiT, UNet2DModel) are not supported."
+            f"UNets, PixArt) or on SD3-style joint attention; {type(module).__name__} has neither. Flux and "
+            "models without a text context (DiT, UNet2DModel) are not supported."
         )
