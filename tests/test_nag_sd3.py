@@ -78,17 +78,21 @@ def _normed_text(block, text, temb):
     return block.norm1_context(text, emb=temb)[0]
 
 
-def reference_forward(tr, x, context, pooled, timestep, negative, negative_pooled, s, tau, alpha):
-    """SD3 forward, all rows guided: image tokens attend to both text streams, NAG on the image part."""
+def reference_forward(tr, x, context, pooled, timestep, negative, negative_pooled, s, tau, alpha, blocks=None):
+    """SD3 forward, all rows guided: image tokens attend to both text streams, NAG on the image part.
+
+    ``blocks``: the indices of the blocks that guide (``None``: all); the others use ``z+``.
+    """
     height, width = x.shape[-2:]
     image = tr.pos_embed(x)
     temb, temb_neg = tr.time_text_embed(timestep, pooled), tr.time_text_embed(timestep, negative_pooled)
     text, text_neg = tr.context_embedder(context), tr.context_embedder(negative)
-    for block in tr.transformer_blocks:
+    for index, block in enumerate(tr.transformer_blocks):
+        guided = blocks is None or index in blocks
         normed, gate, shift_mlp, scale_mlp, gate_mlp = block.norm1(image, emb=temb)
         z_pos, t_pos = _joint_attention(block.attn, normed, _normed_text(block, text, temb))
         z_neg, t_neg = _joint_attention(block.attn, normed, _normed_text(block, text_neg, temb_neg))
-        image = image + gate.unsqueeze(1) * block.attn.to_out[0](nag_formula(z_pos, z_neg, s, tau, alpha))
+        image = image + gate.unsqueeze(1) * block.attn.to_out[0](nag_formula(z_pos, z_neg, s if guided else 1.0, tau, alpha))
         ff_in = block.norm2(image) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         image = image + gate_mlp.unsqueeze(1) * block.ff(ff_in)
         text, text_neg = _text_update(block, text, temb, t_pos), _text_update(block, text_neg, temb_neg, t_neg)
@@ -130,7 +134,7 @@ def test_hook_equals_the_hand_written_forward_and_acts_per_row():
     gen = torch.Generator().manual_seed(1)
     negative = {"encoder_hidden_states": torch.randn(1, 6, 64, generator=gen),
                 "pooled_projections": torch.randn(1, 64, generator=gen)}
-    hook = NormalizedCrossAttention(negative, scale=4.0, tau=2.0, alpha=0.5)
+    hook = NormalizedCrossAttention(negative, scale=4.0, tau=2.0, alpha=0.5, pooled="negative")
     before = _state(tr)
     with torch.no_grad():
         plain = _call(tr, x, context, pooled, t)
@@ -147,30 +151,51 @@ def test_hook_equals_the_hand_written_forward_and_acts_per_row():
     torch.testing.assert_close(rows[1:], whole[1:], rtol=1e-5, atol=1e-6)
 
 
-def test_per_sample_negatives_and_negatives_without_pooled_embeddings():
+def test_per_sample_negatives_and_the_prompts_pooled_embedding_by_default():
     tr = _pipe().transformer
     x, context, pooled, t = _inputs(2, seed=2)
     negative = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(3))
+    with_pooled = {"encoder_hidden_states": negative, "pooled_projections": torch.randn(2, 64)}
     with torch.no_grad():
+        with NormalizedCrossAttention(with_pooled, scale=3.0).apply(tr, None):  # pooled="prompt": ignored
+            default = _call(tr, x, context, pooled, t)
         with NormalizedCrossAttention(negative, scale=3.0, norm="l1").apply(tr, None):
             got = _call(tr, x, context, pooled, t)
         expected = reference_forward(tr, x, context, pooled, t, negative, pooled, 3.0, 2.5, 0.25)
         with NormalizedCrossAttention(negative[:1], scale=3.0).apply(tr, slice(1, 2)):
             one = _call(tr, x, context, pooled, t)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(default, got)
     torch.testing.assert_close(one[1:], reference_forward(tr, x[1:], context[1:], pooled[1:], t[1:], negative[:1],
                                                           pooled[1:], 3.0, 2.5, 0.25), rtol=1e-5, atol=1e-5)
+
+
+def test_chosen_layers_guide_and_every_block_carries_the_negative_stream():
+    tr = _pipe().transformer
+    x, context, pooled, t = _inputs(2, seed=4)
+    negative = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), NormalizedCrossAttention(negative, scale=6.0, layers="transformer_blocks.1").apply(tr, None):
+        got = _call(tr, x, context, pooled, t)
+    expected = reference_forward(tr, x, context, pooled, t, negative.expand(2, -1, -1), pooled, 6.0, 2.5, 0.25,
+                                 blocks={1})
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="pooled"):
+        NormalizedAttention(1.0, 5.0, pooled="uncond")
 
 
 def test_the_model_is_restored_after_an_exception_and_bad_negatives_are_named():
     tr = _pipe().transformer
     before = _state(tr)
     x, context, pooled, t = _inputs(2)
-    for negative, match in [(torch.randn(1, 5, 64), "same length"), (torch.randn(3, 6, 64), "3 rows"),
-                            ({"encoder_hidden_states": torch.randn(1, 6, 64),
-                              "pooled_projections": torch.randn(1, 7)}, "features")]:
+    for negative, pooled_from, match in [
+        (torch.randn(1, 5, 64), "prompt", "same length"),
+        (torch.randn(3, 6, 64), "prompt", "3 rows"),
+        ({"encoder_hidden_states": torch.randn(1, 6, 64), "pooled_projections": torch.randn(1, 7)}, "negative",
+         "features"),
+        (torch.randn(1, 6, 64), "negative", "pooled_projections"),
+    ]:
         with pytest.raises(ValueError, match=match), torch.no_grad():
-            with NormalizedCrossAttention(negative).apply(tr, None):
+            with NormalizedCrossAttention(negative, pooled=pooled_from).apply(tr, None):
                 _call(tr, x, context, pooled, t)
         assert _same_state(tr, before)
     with torch.no_grad():
@@ -216,8 +241,7 @@ def test_nag_alone_through_attach_equals_the_pipeline_on_the_reference_forward()
         n = hidden_states.shape[0]
         sample = reference_forward(
             tr, hidden_states, encoder_hidden_states, pooled_projections, timestep,
-            negative["encoder_hidden_states"].expand(n, -1, -1), negative["pooled_projections"].expand(n, -1),
-            5.0, 2.5, 0.25)
+            negative["encoder_hidden_states"].expand(n, -1, -1), pooled_projections, 5.0, 2.5, 0.25)
         return (sample,)
 
     tr.forward = forward

@@ -21,7 +21,7 @@ from guidance.guiders.base import Dims
 from guidance.guiders.cfg import CFG
 from guidance.ops.nag import check_nag_settings
 from guidance.schedules import Schedule, as_schedule
-from guidance.validation import check_finite, check_range
+from guidance.validation import check_choice, check_finite, check_range
 
 __all__ = ["NormalizedAttention"]
 
@@ -47,6 +47,9 @@ class NormalizedAttention(CFG):
             (the official pipelines' ``nag_end`` is ``stop``). Default: every step.
         hook (Any): a replacement for the default :class:`~guidance.perturbations.NormalizedCrossAttention`
             (anything with ``per_row``, ``apply`` and a settable ``scale``).
+        pooled (str): SD3 only: ``"prompt"`` (default, official SD3 pipeline) or ``"negative"``, the
+            pooled embedding modulating the negative text stream (see
+            :class:`~guidance.perturbations.NormalizedCrossAttention`).
         rescale (float), dims: guidance rescale of the CFG combine (see :class:`~guidance.guiders.CFG`).
 
     ``convention="comfyui"`` does not exist: ComfyUI's ``NAGuidance`` takes its negative from the
@@ -77,6 +80,7 @@ class NormalizedAttention(CFG):
         start: float = 0.0,
         stop: float = 1.0,
         hook: Any = None,
+        pooled: str = "prompt",
         rescale: float = 0.0,
         dims: Dims = None,
     ):
@@ -87,6 +91,9 @@ class NormalizedAttention(CFG):
         self.stop = check_range(stop, "stop", self.start, 1.0)
         if hook is not None and not callable(getattr(hook, "apply", None)):
             raise TypeError(f"`hook` must have `apply(module, rows)`, `per_row` and `scale`, got {hook!r}.")
+        from guidance.perturbations.normalized_attention import NAG_POOLED
+
+        self.pooled = check_choice(pooled, "pooled", NAG_POOLED)
         self.layers, self._hook = layers, hook
         self._negative = self._negative_value = None
         if negative is not None:
@@ -114,7 +121,8 @@ class NormalizedAttention(CFG):
             from guidance.perturbations import NormalizedCrossAttention
 
             self._hook = NormalizedCrossAttention(
-                self._negative_value, tau=self.tau, alpha=self.alpha, norm=self.norm, layers=self.layers
+                self._negative_value, tau=self.tau, alpha=self.alpha, norm=self.norm, layers=self.layers,
+                pooled=self.pooled,
             )
         return self._hook
 
@@ -155,5 +163,5 @@ class NormalizedAttention(CFG):
     def _config(self) -> str:
         return (
             f"{super()._config()}, nag_scale={self.nag_schedule!r}, tau={self.tau}, alpha={self.alpha}, "
-            f"norm={self.norm!r}, layers={self.layers!r}, window=({self.start}, {self.stop})"
+            f"norm={self.norm!r}, layers={self.layers!r}, pooled={self.pooled!r}, window=({self.start}, {self.stop})"
         )

@@ -28,9 +28,11 @@ from guidance.ops.nag import check_nag_settings, normalized_attention_guidance
 from guidance.perturbations._common import Layers, RowProcessor, layer_matcher
 from guidance.perturbations.hooks import AttentionProcessors
 from guidance.perturbations.normalized_joint_attention import is_joint_transformer, joint_nag
-from guidance.validation import check_tensor
+from guidance.validation import check_choice, check_tensor
 
-__all__ = ["NormalizedCrossAttention", "is_cross_attention", "negative_context", "negative_pooled"]
+__all__ = ["NAG_POOLED", "NormalizedCrossAttention", "is_cross_attention", "negative_context", "negative_pooled"]
+
+NAG_POOLED = ("prompt", "negative")
 
 
 def is_cross_attention(module: Any) -> bool:
@@ -72,8 +74,8 @@ def negative_context(negative: Any, name: str = "negative") -> Tensor:
 def negative_pooled(negative: Any, name: str = "negative") -> Tensor | None:
     """The negative pooled text embedding in ``negative`` (its ``pooled_projections``), or ``None``.
 
-    Used on SD3-style joint attention only, where the negative text stream is modulated by a time
-    embedding that includes the pooled embedding; ``(batch or 1, features)``.
+    Used on SD3-style joint attention with ``pooled="negative"`` only, where the negative text
+    stream is modulated by a time embedding that includes a pooled embedding; ``(batch or 1, features)``.
 
     Example:
         >>> import torch
@@ -159,6 +161,10 @@ class NormalizedCrossAttention(AttentionProcessors):
             :func:`~guidance.perturbations.layer_matcher`); only cross-attention modules among the
             matches are changed (on SD3: only the matched joint attentions guide, every block
             carries the negative text stream). ``None`` (default): every layer, as the paper.
+        pooled (str): SD3 only, the pooled embedding in the time embedding that modulates the
+            negative text stream: ``"prompt"`` (default, the guided row's own, as the official SD3
+            pipeline) or ``"negative"`` (the negative's ``pooled_projections``, as the official
+            Flux pipeline does with its pooled embedding).
 
     Acts per row (``per_row=True``): the rows of other branches sharing the call run the layer's
     own processor. ``scale`` may be changed between applications (a schedule sets it per step).
@@ -180,8 +186,10 @@ class NormalizedCrossAttention(AttentionProcessors):
         alpha: float = 0.25,
         norm: str = "l1",
         layers: Layers | None = None,
+        pooled: str = "prompt",
     ):
         self.scale, self.tau, self.alpha, self.norm = check_nag_settings(scale, tau, alpha, norm)
+        self.pooled = check_choice(pooled, "pooled", NAG_POOLED)
         matcher = (lambda name, module: True) if layers is None else layer_matcher(layers)
         super().__init__(self._make, lambda n, m: is_cross_attention(m) and matcher(n, m), per_row=True)
         self.spec, self._matcher = layers, matcher
@@ -192,7 +200,7 @@ class NormalizedCrossAttention(AttentionProcessors):
         """The negative context tensor (``None`` while unset); set it to a tensor or denoiser inputs.
 
         Setting denoiser inputs with ``pooled_projections`` also sets :attr:`negative_pooled`
-        (used on SD3-style joint attention; ``None``: the guided rows' own pooled embeddings).
+        (used on SD3-style joint attention with ``pooled="negative"``).
         """
         return self._negative
 
@@ -216,9 +224,14 @@ class NormalizedCrossAttention(AttentionProcessors):
         return super().apply(module, rows)
 
     def pooled_rows(self, guided: Tensor, pooled: Tensor) -> Tensor:
-        """The negative pooled embeddings for the ``guided`` rows of ``pooled`` (theirs where none is set)."""
-        if self.negative_pooled is None:
+        """The pooled embeddings of the negative text rows for the ``guided`` rows of ``pooled`` (SD3)."""
+        if self.pooled == "prompt":
             return pooled[guided.to(pooled.device)]
+        if self.negative_pooled is None:
+            raise ValueError(
+                "NAG with `pooled='negative'` needs the negative's pooled embedding: pass the negative as denoiser "
+                "inputs with 'pooled_projections' (`guidance.diffusion.prompt_inputs(pipe, 'blurry')`)."
+            )
         negative = self.negative_pooled.to(device=pooled.device, dtype=pooled.dtype)
         if negative.shape[1:] != pooled.shape[1:]:
             raise ValueError(
@@ -242,7 +255,7 @@ class NormalizedCrossAttention(AttentionProcessors):
     def __repr__(self) -> str:
         return (
             f"NormalizedCrossAttention(scale={self.scale}, tau={self.tau}, alpha={self.alpha}, "
-            f"norm={self.norm!r}, layers={self.spec!r})"
+            f"norm={self.norm!r}, layers={self.spec!r}, pooled={self.pooled!r})"
         )
 
 
