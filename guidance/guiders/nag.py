@@ -1,8 +1,8 @@
 """Normalized Attention Guidance (NAG, Chen et al. 2025, arXiv 2505.21179) as a guider: negative prompts in one pass.
 
-NAG guides inside the network: the conditional rows' cross-attention layers also attend to a
-negative context and are pushed away from it (:func:`guidance.ops.normalized_attention_guidance`,
-installed by :class:`~guidance.perturbations.NormalizedCrossAttention`). The guider therefore
+NAG guides inside the network: the conditional rows' cross-attention layers (on SD3 the joint
+attention layers) also attend to a negative context and are pushed away from it
+(:func:`guidance.ops.normalized_attention_guidance`, installed by :class:`~guidance.perturbations.NormalizedCrossAttention`). The guider therefore
 needs no extra branch: it puts the hook on the ``cond`` branch itself, so NAG alone costs one
 denoiser evaluation per image per step plus one cross-attention per layer. This is why it suits
 few-step and distilled models, where CFG's second branch diverges or is not available.
@@ -52,10 +52,14 @@ class NormalizedAttention(CFG):
             :class:`~guidance.perturbations.NormalizedCrossAttention`).
         rescale (float), dims: guidance rescale of the CFG combine (see :class:`~guidance.guiders.CFG`).
 
-    ``convention="comfyui"`` does not exist: ComfyUI's ``NAGuidance`` takes its negative from the
-    unconditional rows and patches every attention output after the output projection, which this
-    hook does not reproduce (see ``docs/methods/perturbation.md``); its defaults are
-    ``nag_scale=5, alpha=0.5, tau=1.5``.
+    ``convention="comfyui"`` does not exist: ComfyUI's ``NAGuidance`` applies the same formula to
+    other inputs (the unconditional batch's attention output of the same layer as ``z-``, patched
+    at ComfyUI's ``attn1_output_patch``), a different method (see ``docs/methods/perturbation.md``);
+    its defaults are ``nag_scale=5, alpha=0.5, tau=1.5``.
+
+    On SD3 (joint attention) the negative prompt is carried through the blocks as a second text
+    stream (:mod:`guidance.perturbations.normalized_joint_attention`); its token count must be
+    the prompt's (``prompt_inputs(pipe, "blurry", max_sequence_length=...)``).
 
     Example:
         >>> import torch

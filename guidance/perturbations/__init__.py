@@ -16,7 +16,8 @@ branch shares one batched denoiser call with ``cond`` and ``uncond``:
 * :class:`ShuffleTokens` (TPG): the tokens entering blocks are permuted;
 * :class:`StochasticSkip` (S^2-Guidance): a random subset of blocks skipped per step;
 * :class:`NormalizedCrossAttention` (NAG): cross-attention guided away from a negative context
-  (on the ``cond`` branch itself, no extra branch).
+  (on the ``cond`` branch itself, no extra branch; on SD3 joint attention with the negative
+  prompt carried as a second text stream, :mod:`~guidance.perturbations.normalized_joint_attention`).
 
 Layers are chosen with :func:`layer_matcher` specs (``"mid"``, ``"transformer_blocks.7"``,
 ``fnmatch`` patterns or a predicate).
