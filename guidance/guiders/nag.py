@@ -2,10 +2,11 @@
 
 NAG guides inside the network: the conditional rows' cross-attention layers (on SD3 the joint
 attention layers) also attend to a negative context and are pushed away from it
-(:func:`guidance.ops.normalized_attention_guidance`, installed by :class:`~guidance.perturbations.NormalizedCrossAttention`). The guider therefore
-needs no extra branch: it puts the hook on the ``cond`` branch itself, so NAG alone costs one
-denoiser evaluation per image per step plus one cross-attention per layer. This is why it suits
-few-step and distilled models, where CFG's second branch diverges or is not available.
+(:func:`guidance.ops.normalized_attention_guidance`, installed by
+:class:`~guidance.perturbations.NormalizedCrossAttention`). The guider therefore needs no extra
+branch: it puts the hook on the ``cond`` branch itself, so NAG alone costs one denoiser
+evaluation per image per step plus one cross-attention per layer. This is why it suits few-step
+and distilled models, where CFG's second branch diverges or is not available.
 
 It stacks with CFG: ``scale`` is the CFG scale (1, the default: no unconditional branch) and the
 combine of the predictions is plain CFG, ``u + w (c_nag - u)``, with ``c_nag`` the NAG-guided
