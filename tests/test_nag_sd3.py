@@ -268,3 +268,76 @@ def test_cfg_plus_nag_batches_with_the_pipeline_negative_prompt():
 def test_flux_is_refused():
     with pytest.raises(ValueError, match="Flux"):
         NormalizedCrossAttention(torch.randn(1, 4, 32)).apply(tiny_flux_transformer(), None).__enter__()
+
+
+# ------------------------------------------------------------------ modular guider component (SD3 modular pipeline)
+
+
+@functools.cache
+def _sd3_modular():
+    from diffusers.modular_pipelines.stable_diffusion_3.modular_blocks_stable_diffusion_3 import (
+        StableDiffusion3T2ICoreDenoiseStep,
+    )
+
+    sd = _pipe()
+    pipe = StableDiffusion3T2ICoreDenoiseStep().init_pipeline()
+    pipe.update_components(transformer=sd.transformer, scheduler=sd.scheduler)
+    gen = torch.Generator().manual_seed(1)
+    embeds = {
+        "prompt_embeds": torch.randn(1, 6, 64, generator=gen),
+        "pooled_prompt_embeds": torch.randn(1, 64, generator=gen),
+        "negative_prompt_embeds": torch.randn(1, 6, 64, generator=gen),
+        "negative_pooled_prompt_embeds": torch.randn(1, 64, generator=gen),
+    }
+    return pipe, sd.transformer, embeds
+
+
+def _modular_run(guider):
+    pipe, tr, embeds = _sd3_modular()
+    calls = []
+    handle = tr.time_text_embed.register_forward_hook(lambda m, a, o: calls.append(1))
+    pipe.update_components(guider=guider)
+    try:
+        latents = pipe(**embeds, height=64, width=64, num_inference_steps=STEPS,
+                       generator=torch.Generator().manual_seed(0), output="latents")
+    finally:
+        handle.remove()
+    return latents, len(calls)
+
+
+def _modular_reference(negative_pooled):
+    """The modular pipeline without guidance, its transformer replaced by the hand-written NAG forward."""
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    _, tr, embeds = _sd3_modular()
+
+    def forward(hidden_states, encoder_hidden_states, pooled_projections, timestep, return_dict=True, **kwargs):
+        n = hidden_states.shape[0]
+        neg_pooled = pooled_projections if negative_pooled is None else negative_pooled.expand(n, -1)
+        return (reference_forward(tr, hidden_states, encoder_hidden_states, pooled_projections, timestep,
+                                  embeds["negative_prompt_embeds"].expand(n, -1, -1), neg_pooled, 4.0, 2.5, 0.25),)
+
+    tr.forward = forward
+    try:
+        return _modular_run(ClassifierFreeGuidance(1.0))[0]
+    finally:
+        del tr.forward
+
+
+def test_modular_nag_component_in_the_sd3_modular_pipeline():
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    from guidance.diffusion.modular_perturbed import NAGGuidance
+
+    _, tr, embeds = _sd3_modular()
+    before = _state(tr)
+    cfg, cfg_calls = _modular_run(ClassifierFreeGuidance(5.0))
+    off, off_calls = _modular_run(NAGGuidance(5.0, 1.0))
+    assert torch.equal(off, cfg) and off_calls == cfg_calls == 2 * STEPS
+    only, calls = _modular_run(NAGGuidance(1.0, 4.0))  # negative: the pipeline's negative_prompt_embeds
+    assert calls == STEPS and _same_state(tr, before)
+    torch.testing.assert_close(only, _modular_reference(None), rtol=1e-5, atol=1e-5)
+    pooled, _ = _modular_run(NAGGuidance(1.0, 4.0, nag_pooled="negative"))
+    torch.testing.assert_close(pooled, _modular_reference(embeds["negative_pooled_prompt_embeds"]),
+                               rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(pooled, only, atol=1e-5) and _same_state(tr, before)

@@ -135,6 +135,9 @@ class PAGGuidance(PerturbedGuiderComponent):
         perturbed_start, perturbed_stop (float): PAG window as fractions of the run (default every step).
         convention (str): ``"paper"`` or ``"diffusers"``. guidance_rescale (float): rescale in [0, 1].
         start, stop, enabled: diffusers' guider switches (whole guidance on/off).
+        nag_pooled (str): SD3 only, ``"prompt"`` (default) or ``"negative"``: the pooled embedding
+            modulating the negative text stream (the pipeline's negative pooled embeddings with
+            ``"negative"``; see :class:`~guidance.guiders.NormalizedAttention`).
     """
 
     @register_to_config
@@ -176,6 +179,7 @@ class SEGGuidance(PerturbedGuiderComponent):
 
 
 _CONTEXT_FIELDS = ("encoder_hidden_states", "prompt_embeds")
+_POOLED_FIELDS = ("text_embeds", "pooled_projections")
 
 
 class NAGGuidance(PerturbedGuiderComponent):
@@ -188,6 +192,9 @@ class NAGGuidance(PerturbedGuiderComponent):
         layers (str | list[str] | None): cross-attention layers (``None``: all).
         nag_start, nag_stop (float): NAG window as fractions of the run. guidance_rescale (float): CFG rescale.
         start, stop, enabled: diffusers' guider switches (whole guidance on/off).
+        nag_pooled (str): SD3 only, ``"prompt"`` (default) or ``"negative"``: the pooled embedding
+            modulating the negative text stream (the pipeline's negative pooled embeddings with
+            ``"negative"``; see :class:`~guidance.guiders.NormalizedAttention`).
 
     Set ``component.negative`` (text embeddings, or ``prompt_inputs(...)``) to choose the NAG
     negative; otherwise the pipeline's negative prompt embeddings are used (module docstring).
@@ -199,9 +206,10 @@ class NAGGuidance(PerturbedGuiderComponent):
     def __init__(self, guidance_scale: float = 1.0, nag_scale: float = 5.0, nag_tau: float = 2.5,
                  nag_alpha: float = 0.25, nag_norm: str = "l1", layers: str | list[str] | None = None,
                  nag_start: float = 0.0, nag_stop: float = 1.0, guidance_rescale: float = 0.0,
-                 start: float = 0.0, stop: float = 1.0, enabled: bool = True):
+                 start: float = 0.0, stop: float = 1.0, enabled: bool = True, nag_pooled: str = "prompt"):
         guider = NormalizedAttention(guidance_scale, nag_scale, tau=nag_tau, alpha=nag_alpha, norm=nag_norm,
-                                     layers=layers, start=nag_start, stop=nag_stop, rescale=guidance_rescale)
+                                     layers=layers, start=nag_start, stop=nag_stop, rescale=guidance_rescale,
+                                     pooled=nag_pooled)
         self._setup(guider, start, stop, enabled)
         self._explicit = False
 
@@ -226,14 +234,18 @@ class NAGGuidance(PerturbedGuiderComponent):
             self.guider.nag_scale_at(self._step, self._num_inference_steps, None) != 1.0
         )
 
-    def _pipeline_negative(self, value: Any) -> None:
+    def _pipeline_negative(self, value: Any, pooled: Any = None) -> None:
         if not self._explicit and isinstance(value, torch.Tensor):
+            if isinstance(pooled, torch.Tensor):  # SD3: the negative pooled embeddings travel with it
+                value = {"encoder_hidden_states": value, "pooled_projections": pooled}
             self.guider.negative = value
 
     def prepare_inputs(self, data: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[BlockState]:
+        pooled = next((data[f][1] for f in _POOLED_FIELDS if isinstance(data.get(f), tuple) and len(data[f]) > 1),
+                      None)
         for field in _CONTEXT_FIELDS:
             if isinstance(data.get(field), tuple) and len(data[field]) > 1:
-                self._pipeline_negative(data[field][1])
+                self._pipeline_negative(data[field][1], pooled)
                 break
         return super().prepare_inputs(data)
 
