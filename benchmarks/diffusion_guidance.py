@@ -17,8 +17,8 @@ CFG-Renorm: two evaluations, the cost of their operator) and ICG and TSG (the co
 plus a reference branch batched with them). With ``--perturbed`` (default) it adds the
 perturbation guiders (CFG plus a perturbed branch: PAG batched and one call per branch, SEG,
 SLG, TPG, S^2-Guidance; AutoGuidance with the weak model on ``digits``, whose evaluations are
-counted on the main denoiser only; NAG alone and CFG + NAG on ``sd``/``sdxl``, the pipelines
-with cross-attention).
+counted on the main denoiser only; NAG alone and CFG + NAG on ``sd``/``sdxl``/``sd3``, the
+pipelines with a text context).
 
 Part 2 times each guidance operator on one step's predictions (``guide()``: the guider plus,
 for x0-space operators, the conversions) and the adaptive cosine similarity, relative to one
@@ -238,10 +238,10 @@ def perturbed_configs(args: argparse.Namespace, pipe: Any) -> list[tuple[str, Ca
         ("TPG (batched)", lambda: attach(pipe, TokenPerturbation(w, 1.0, layers=blocks))),
         ("S2-Guidance (batched)", lambda: attach(pipe, StochasticSelf(w, 0.25, layers=blocks, ratio=1.0))),
     ]
-    if args.pipeline in ("sd", "sdxl"):  # NAG needs cross-attention layers (not SD3, DiT, digits)
+    if args.pipeline in ("sd", "sdxl", "sd3"):  # NAG needs a text context (not DiT, digits)
         from guidance.diffusion import prompt_inputs
 
-        negative = prompt_inputs(pipe, "blurry")
+        negative = prompt_inputs(pipe, "blurry", **({"max_sequence_length": 4} if args.pipeline == "sd3" else {}))
         configs += [
             ("NAG alone (no CFG, one pass)", lambda: attach(pipe, NormalizedAttention(1.0, 5.0, negative=negative))),
             ("CFG + NAG (batched)", lambda: attach(pipe, NormalizedAttention(w, 5.0, negative=negative))),
