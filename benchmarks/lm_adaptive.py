@@ -151,16 +151,42 @@ def task_accuracy(model: Any, tokenizer: Any, items: list[dict[str, str]], args:
     return rows
 
 
-def _interleaved_medians(calls: dict[str, Any], repeats: int, desc: str) -> dict[str, float]:
-    """Median seconds of each call; the calls take turns (one warm-up round first), so load drifts hit all alike."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
+def _interleaved_medians(calls: dict[str, list[Any]], repeats: int, desc: str) -> tuple[dict[str, float], dict]:
+    """Median over rounds of each mode's total seconds, and each mode's outputs of the last round.
+
+    ``calls[mode]`` is one call per chunk of work. Within a round the modes take turns on every
+    chunk (the order rotating from chunk to chunk), so load drifts of a shared machine hit all
+    modes alike; one warm-up round comes first.
+    """
+    names = list(calls)
+    chunks = len(next(iter(calls.values())))
+    times: dict[str, list[float]] = {name: [] for name in names}
+    outputs: dict[str, list[Any]] = {}
     for round_ in tqdm(range(repeats + 1), desc=desc, leave=False):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            if round_:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+        total = dict.fromkeys(names, 0.0)
+        outputs = {name: [] for name in names}
+        for chunk in range(chunks):
+            shift = (chunk + round_) % len(names)
+            for name in names[shift:] + names[:shift]:
+                start = time.perf_counter()
+                outputs[name].append(calls[name][chunk]())
+                total[name] += time.perf_counter() - start
+        if round_:
+            for name in names:
+                times[name].append(total[name])
+    return {name: statistics.median(values) for name, values in times.items()}, outputs
+
+
+def _stats_fields(outputs: list[Any]) -> dict[str, float | None]:
+    """Unconditional positions computed (share of what CFG needs) and tokens guided, over one round's outputs."""
+    stats = [out.adaptive_stats for out in outputs if getattr(out, "adaptive_stats", None) is not None]
+    if not stats:
+        return {"uncond_fraction": None, "guided_fraction": None}
+    computed = sum(int(s.unconditional_positions.sum()) for s in stats)
+    live = sum(int(s.live_cfg_positions.sum()) for s in stats)
+    guided = sum(int((s.decisions == 0).sum()) for s in stats)
+    decided = sum(int((s.decisions != 3).sum()) for s in stats)  # finished rows' padding steps not counted
+    return {"uncond_fraction": computed / live if live else None, "guided_fraction": guided / decided if decided else None}
 
 
 def _timed_modes(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -173,13 +199,15 @@ def task_timing(model: Any, tokenizer: Any, items: list[dict[str, str]], args: a
         contexts = [item["context"] for item in items[: max(batch, args.time_items)]]
         chunks = [contexts[i : i + batch] for i in range(0, len(contexts), batch)]
         calls = {
-            name: (lambda mode=mode, chunks=chunks: [run_batch(model, tokenizer, c, mode, args.max_new_tokens) for c in chunks])
+            name: [lambda mode=mode, chunk=chunk: run_batch(model, tokenizer, chunk, mode, args.max_new_tokens)[0]
+                   for chunk in chunks]
             for name, mode in _timed_modes(args).items()
         }
-        medians = _interleaved_medians(calls, args.repeats, f"task time, batch {batch}")
+        medians, outputs = _interleaved_medians(calls, args.repeats, f"task time, batch {batch}")
         plain = medians["plain generate"]
         for name, seconds in medians.items():
-            rows.append({"part": "task", "mode": name, "batch": batch, "seconds": seconds, "time_vs_plain": seconds / plain})
+            rows.append({"part": "task", "mode": name, "batch": batch, "items": len(contexts), "seconds": seconds,
+                         "time_vs_plain": seconds / plain, **_stats_fields(outputs[name])})
             print(f"  task, batch {batch}, {name}: {seconds / plain:.2f} x plain", file=sys.stderr)
     return rows
 
@@ -193,21 +221,15 @@ def long_timing(model: Any, tokenizer: Any, args: argparse.Namespace) -> list[di
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                add_generation_prompt=True) for p in prompts]
         inputs = _encode(tokenizer, texts)
-        outputs: dict[str, Any] = {}
-
-        def call(name: str, mode: dict[str, Any], inputs: Any = inputs, outputs: dict[str, Any] = outputs) -> None:
-            outputs[name] = model.generate(**inputs, **common, **mode)
-
-        calls = {name: (lambda name=name, mode=mode: call(name, mode)) for name, mode in _timed_modes(args).items()}
-        medians = _interleaved_medians(calls, args.repeats, f"long time, batch {batch}")
+        calls = {name: [lambda mode=mode, inputs=inputs: model.generate(**inputs, **common, **mode)]
+                 for name, mode in _timed_modes(args).items()}
+        medians, outputs = _interleaved_medians(calls, args.repeats, f"long time, batch {batch}")
         plain = medians["plain generate"]
         for name, seconds in medians.items():
-            stats = getattr(outputs[name], "adaptive_stats", None)
             rows.append({
                 "part": "long", "mode": name, "batch": batch, "new_tokens": args.new_tokens, "seconds": seconds,
                 "tokens_per_second": batch * args.new_tokens / seconds, "time_vs_plain": seconds / plain,
-                "uncond_fraction": None if stats is None else stats.fraction,
-                "guided_fraction": None if stats is None else float((stats.decisions == 0).float().mean()),
+                **_stats_fields(outputs[name]),
             })
             print(f"  long, batch {batch}, {name}: {seconds / plain:.2f} x plain", file=sys.stderr)
     return rows
@@ -217,15 +239,18 @@ def tables(accuracy: list[dict], timing: list[dict], header: str) -> str:
     def pct(value: float | None) -> str:
         return "-" if value is None else f"{100 * value:.1f}%"
 
-    lines = [header, "", "| mode | accuracy | uncond positions (live) | of batched CFG | guided / exact / heuristic steps |",
-             "|---|---:|---:|---:|---|"]
+    lines = [header]
+    if accuracy:
+        lines += ["", "| mode | accuracy | uncond positions (live) | of batched CFG | guided / exact / heuristic steps |",
+                  "|---|---:|---:|---:|---|"]
     for row in accuracy:
         steps = "-" if row["guided_steps"] is None else (
             f"{row['guided_steps']} / {row['exact_skips']} / {row['heuristic_skips']}")
         lines.append(f"| {row['mode']} | {pct(row['accuracy'])} | {pct(row['uncond_fraction_live'])} | "
                      f"{pct(row['uncond_fraction_batched'])} | {steps} |")
-    lines += ["", "| part | mode | batch | seconds | time x plain | uncond positions | guided tokens |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+    if timing:
+        lines += ["", "| part | mode | batch | seconds | time x plain | uncond positions | guided tokens |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
     for row in timing:
         lines.append(f"| {row['part']} | {row['mode']} | {row['batch']} | {row['seconds']:.2f} | "
                      f"{row['time_vs_plain']:.2f} | {pct(row.get('uncond_fraction'))} | {pct(row.get('guided_fraction'))} |")
