@@ -27,5 +27,5 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.pins" 2>/dev/null)" != "$WANT
     echo "$WANT" > "$VENV/.pins"
 fi
 "$VENV/bin/python" -c "import transformers, diffusers; print('lowest versions: transformers', transformers.__version__, 'diffusers', diffusers.__version__)"
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider \
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider -m "not browser" \
     --ignore=tests/test_demo_browser.py --ignore=tests/test_demo_logic.py

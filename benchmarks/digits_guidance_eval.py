@@ -17,11 +17,18 @@ CFG-Zero*, CFG++ (its scale is lambda in [0, 1]), linear and cosine increasing s
 at equal mean scale, the guidance interval, adaptive guidance and a fixed-ratio cut-off; and
 the prediction-only guiders TCFG, FDG, MAMBO-G, APG-mix, CFGNorm, CFG-Renorm, Mahiro, FreSca,
 plus ICG and TSG (their reference branch, the conditional rows under a random class or a noisy
-time embedding, is evaluated by ``attach``'s branch mechanism).
+time embedding, is evaluated by ``attach``'s branch mechanism); and the perturbation guiders PAG,
+SEG, SLG, TPG, S^2-Guidance and AutoGuidance (the shipped weak digits model). NAG is not measured:
+it guides in cross-attention space and this UNet is conditioned by a class embedding, without
+cross-attention.
 Writes a JSON table, the plots and image grids, and prints the table.
 
-Run (about 20-40 minutes on 2 busy CPU cores; ``--quick`` for a smoke run):
-    python benchmarks/digits_guidance_eval.py --json benchmarks/results/digits_guidance.json
+The JSON is rewritten after every setting (``"partial": true`` until the run ends); the README's
+scales (3 and 8) run first. ``--replot`` redraws the figures from a JSON.
+
+The README's run (about 70 minutes of wall time on 2 busy CPU cores, 30 CPU-minutes; ``--quick``
+for a smoke run):
+    python benchmarks/digits_guidance_eval.py --per-class 30 --scales 1.5 3 5 8 --threads 1
 """
 
 from __future__ import annotations
@@ -430,25 +437,30 @@ PLOT_STYLE = {
     "icg": ("sienna", "X"),
     "tsg": ("darkslategray", "*"),
     "tsg_gentle": ("silver", "*"),
-    "pag": ("crimson", "P"),
+    "pag": ("deeppink", "P"),
     "pag_cfg": ("lightcoral", "P"),
     "seg": ("darkcyan", "d"),
     "slg": ("olive", "s"),
     "slg_cfg": ("yellowgreen", "s"),
     "tpg": ("indigo", "v"),
     "s2g": ("peru", "^"),
-    "autoguidance": ("black", "h"),
+    "autoguidance": ("dimgray", "h"),
 }
-SWEPT = [m for m in PLOT_STYLE if m not in ("adaptive", "cutoff")]
+# The README's two trade-off figures: the methods before issue 12, and issue 12's guiders against CFG.
+CLASSIC = [m for m in PLOT_STYLE if m not in ("adaptive", "cutoff") and m not in NEW_GUIDERS | PERTURBED_GUIDERS]
+# TSG at the reported s = 3 breaks the samples (FD in the hundreds) and would squash the other curves.
+ISSUE12 = ["cfg", *(m for m in NEW_GUIDERS if m != "tsg"), *PERTURBED_GUIDERS]
 
 
-def plot_tradeoffs(rows: list[dict[str, Any]], references: dict[str, Any], path: Path) -> None:
-    """Accuracy vs diversity, FD and saturation vs scale, and saturation vs FD (CFG++ included)."""
+def plot_tradeoffs(
+    rows: list[dict[str, Any]], references: dict[str, Any], path: Path, methods: list[str] = CLASSIC
+) -> None:
+    """Accuracy vs diversity, FD and saturation vs scale, and saturation vs FD of ``methods``."""
     plt = _pyplot()
     base = next(r for r in rows if r["method"] == "unguided")
     fig, axes = plt.subplots(2, 2, figsize=(12.5, 10))
     (ax_div, ax_fd), (ax_sat, ax_pair) = axes
-    for method in SWEPT:
+    for method in methods:
         color, marker = PLOT_STYLE[method]
         mrows = [r for r in rows if r["method"] == method]
         if not mrows:
@@ -521,7 +533,8 @@ def plot_tradeoffs(rows: list[dict[str, Any]], references: dict[str, Any], path:
     ax_sat.set_title("Saturation")
     ax_sat.legend(fontsize=7, ncol=2)
     ax_pair.set_xscale("log")
-    log_ticks = [4, 5, 7, 10, 15, 20, 30, 40, 60, 80]
+    top_fd = max(r["fd"] for r in rows if r["method"] in methods)
+    log_ticks = [t for t in (4, 5, 7, 10, 15, 20, 30, 40, 60, 80, 120, 160) if t <= 1.25 * top_fd]
     ax_fd.set_yticks(log_ticks)
     ax_pair.set_xticks(log_ticks)
     for axis in (ax_fd.yaxis, ax_pair.xaxis):
@@ -537,6 +550,14 @@ def plot_tradeoffs(rows: list[dict[str, Any]], references: dict[str, Any], path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_all_tradeoffs(rows: list[dict[str, Any]], references: dict[str, Any], images_dir: Path) -> None:
+    """The two README trade-off figures (classic methods; issue 12's guiders against CFG)."""
+    present = {r["method"] for r in rows}
+    for methods, name in ((CLASSIC, "digits_guidance_tradeoff.png"), (ISSUE12, "digits_guidance_tradeoff_new.png")):
+        if present & set(methods) - {"cfg"}:
+            plot_tradeoffs(rows, references, images_dir / name, methods)
 
 
 def plot_evaluations(rows: list[dict[str, Any]], path: Path) -> None:
@@ -611,12 +632,26 @@ README_GRID = (
     "interval@8",
     "cfgpp@1",
 )
+# Issue 12's guiders: the prediction guiders at w = 8 (where CFG saturates), the reference and
+# perturbation guiders at w = 3.
+README_GRID_NEW = (
+    "unguided@1",
+    "cfg@3",
+    "cfg@8",
+    "tcfg@8",
+    "mambo_g@8",
+    "cfg_norm@8",
+    "tsg_gentle@3",
+    "pag@3",
+    "slg@3",
+    "autoguidance@3",
+)
 
 
 def plot_readme_grid(
     samples: dict[str, torch.Tensor], labels: torch.Tensor, path: Path, per_row: int
 ) -> None:
-    """The README's grid: one panel per setting, pixels clipped by saturation in red/blue."""
+    """A README grid: one panel per setting, pixels clipped by saturation in red/blue."""
     plt = _pyplot()
     keys = list(samples)
     fig, axes = plt.subplots(1, len(keys), figsize=(1.55 * len(keys) + 0.3, 3.2), squeeze=False)
@@ -646,6 +681,40 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         )
 
 
+def run_priority(setting: Setting) -> int:
+    """Sampling order: the README's scales (3 and 8) first, so a run cut short still fills the table."""
+    if setting.method == "unguided":
+        return 0
+    return 1 if setting.method != "cfgpp" and setting.scale in (3.0, 8.0) else 2
+
+
+def settings_block(args: argparse.Namespace, samples: int) -> dict[str, Any]:
+    """The run's settings, recorded in the JSON."""
+    return {
+        "samples": samples,
+        "per_class": args.per_class,
+        "steps": args.steps,
+        "scales": list(args.scales),
+        "lambdas": list(args.lambdas),
+        "scheduler": "DDIM eta=0, leading spacing",
+        "seed": args.seed,
+        "saturation_tolerance": SATURATION_TOLERANCE,
+        "interval_sigma": INTERVAL_SIGMA,
+        "adaptive_scale": ADAPTIVE_SCALE,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def write_json(
+    path: Path, settings: dict[str, Any], references: dict[str, Any], rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    result = {"settings": settings, "references": references, "rows": rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-class", type=int, default=50, help="samples per digit (10 digits)")
@@ -659,7 +728,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
-    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "digits_guidance.json")
+    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "digits_guidance_full.json")
     parser.add_argument("--grids-dir", type=Path, default=ROOT / "benchmarks" / "results" / "digits_grids")
     parser.add_argument(
         "--images-dir", type=Path, default=ROOT / "docs" / "images", help="where the README figures go"
@@ -675,7 +744,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.replot:
         result = json.loads(args.json.read_text())
         print_table([{"name": k, **v} for k, v in result["references"].items()] + result["rows"])
-        plot_tradeoffs(result["rows"], result["references"], args.images_dir / "digits_guidance_tradeoff.png")
+        plot_all_tradeoffs(result["rows"], result["references"], args.images_dir)
         plot_evaluations(result["rows"], args.images_dir / "digits_guidance_nfe.png")
         return result
     if args.quick:
@@ -699,11 +768,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     labels = torch.arange(NUM_CLASSES).repeat_interleave(args.per_class)
     latents = torch.randn((len(labels), 1, 8, 8), generator=torch.Generator().manual_seed(args.seed))
     rows: list[dict[str, Any]] = []
+    began = time.perf_counter()
     grids: dict[str, list[tuple[float, np.ndarray]]] = {}
     kept: dict[str, torch.Tensor] = {}
     per_row = min(8, args.per_class)
-    bar = tqdm(settings, desc="digits guidance sweep", unit="setting")
-    for setting in bar:
+    block = settings_block(args, len(labels))
+    order = sorted(range(len(settings)), key=lambda i: run_priority(settings[i]))
+    done: dict[int, dict[str, Any]] = {}
+    bar = tqdm([settings[i] for i in order], desc="digits guidance sweep", unit="setting")
+    for index, setting in zip(order, bar, strict=True):
         bar.set_postfix_str(setting.name)
         start = time.perf_counter()
         samples, nfe, stats = run_setting(pipe, setting, labels, latents, args.steps)
@@ -719,47 +792,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
         row |= evaluate_samples(samples, labels, judge, heldout_features)
         row |= {"nfe": nfe, "seconds": round(seconds, 2), **stats}
-        rows.append(row)
+        done[index] = row
+        rows = [done[i] for i in sorted(done)]
+        # A checkpoint after every setting: a run cut short still leaves its rows.
+        write_json(args.json, block | {"partial": len(done) < len(settings)}, references, rows)
         if not setting.extra:
             grids.setdefault(setting.method, []).append((setting.scale, mosaic(samples, labels, per_row)))
-        if setting.name in README_GRID:
+        if setting.name in README_GRID + README_GRID_NEW:
             kept[setting.name] = samples
 
     base = grids.pop("unguided")[0]
     for method in grids:
+        grids[method].sort(key=lambda panel: panel[0])
         if method != "cfgpp":
             grids[method].insert(0, base)
-    result = {
-        "settings": {
-            "samples": len(labels),
-            "per_class": args.per_class,
-            "steps": args.steps,
-            "scheduler": "DDIM eta=0, leading spacing",
-            "seed": args.seed,
-            "saturation_tolerance": SATURATION_TOLERANCE,
-            "interval_sigma": INTERVAL_SIGMA,
-            "adaptive_scale": ADAPTIVE_SCALE,
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
-        "references": references,
-        "rows": rows,
-    }
+    result = write_json(args.json, block | {"wall_seconds": round(time.perf_counter() - began)}, references, rows)
     print_table([{"name": k, **v} for k, v in references.items()] + rows)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1) + "\n")
     save_grids(grids, args.grids_dir)
-    plot_tradeoffs(rows, references, args.images_dir / "digits_guidance_tradeoff.png")
+    plot_all_tradeoffs(rows, references, args.images_dir)
     plot_evaluations(rows, args.images_dir / "digits_guidance_nfe.png")
-    plot_readme_grid(
-        {k: kept[k] for k in README_GRID if k in kept},
-        labels,
-        args.images_dir / "digits_grid.png",
-        min(6, per_row),
-    )
+    for keys, name in ((README_GRID, "digits_grid.png"), (README_GRID_NEW, "digits_grid_new.png")):
+        if any(k in kept for k in keys if k != "unguided@1"):
+            plot_readme_grid(
+                {k: kept[k] for k in keys if k in kept}, labels, args.images_dir / name, min(6, per_row)
+            )
     print(
-        f"wrote {args.json}, {args.grids_dir}/ and, in {args.images_dir}/, digits_guidance_tradeoff.png, "
-        "digits_guidance_nfe.png, digits_grid.png",
+        f"wrote {args.json}, {args.grids_dir}/ and, in {args.images_dir}/, digits_guidance_tradeoff*.png, "
+        "digits_guidance_nfe.png, digits_grid*.png",
         file=sys.stderr,
     )
     return result

@@ -43,12 +43,14 @@ from torch import Tensor
 
 from guidance.validation import (
     check_bool,
+    check_choice,
     check_finite,
     check_int,
     check_logits,
     check_no_nan,
     check_range,
     check_tensor,
+    check_tensor_range,
 )
 
 __all__ = [
@@ -264,14 +266,13 @@ def classifier_weighted_logits(
         tensor([[0.6137, 1.0000,   -inf]])
     """
     alpha = check_finite(alpha, "alpha")
-    if outside_top_k not in OUTSIDE_TOP_K:
-        raise ValueError(f"`outside_top_k` must be one of {OUTSIDE_TOP_K}, got {outside_top_k!r}.")
+    check_choice(outside_top_k, "outside_top_k", OUTSIDE_TOP_K)
     filter_value = check_range(filter_value, "filter_value", -math.inf, math.inf, hi_open=True)
     check_tensor(scores, "scores", floating=True)
     if scores.ndim != 2:
         raise ValueError(f"`scores` must have shape (batch, vocab), got {tuple(scores.shape)}.")
-    check_tensor(candidate_ids, "candidate_ids")
-    if candidate_ids.is_floating_point() or candidate_ids.is_complex() or candidate_ids.dtype == torch.bool:
+    check_tensor(candidate_ids, "candidate_ids", real=True)
+    if candidate_ids.is_floating_point():
         raise TypeError(f"`candidate_ids` must be an integer tensor, got dtype {candidate_ids.dtype}.")
     check_tensor(candidate_log_probs, "candidate_log_probs", floating=True)
     if candidate_ids.shape != candidate_log_probs.shape or candidate_ids.ndim != 2 or candidate_ids.shape[0] != scores.shape[0]:
@@ -390,14 +391,12 @@ def gedi_class_log_probs(
 def _prefix_counts(num_prefix_tokens: int | Tensor, batch: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """``num_prefix_tokens + 1`` as a tensor broadcasting against ``(C, B, V)``."""
     if isinstance(num_prefix_tokens, Tensor):
-        if num_prefix_tokens.is_complex() or num_prefix_tokens.dtype == torch.bool:
-            raise TypeError(f"`num_prefix_tokens` must hold real numbers, got dtype {num_prefix_tokens.dtype}.")
+        check_tensor(num_prefix_tokens, "num_prefix_tokens", real=True)
         if num_prefix_tokens.ndim > 1 or num_prefix_tokens.numel() not in (1, batch):
             raise ValueError(
                 f"`num_prefix_tokens` must be an integer or a ({batch},) tensor, got shape {tuple(num_prefix_tokens.shape)}."
             )
-        if not bool((torch.isfinite(num_prefix_tokens.double()) & (num_prefix_tokens >= 0)).all()):
-            raise ValueError(f"`num_prefix_tokens` must be finite counts >= 0, got {num_prefix_tokens.tolist()}.")
+        check_tensor_range(num_prefix_tokens, "num_prefix_tokens", 0.0, math.inf)
         return (num_prefix_tokens.to(device=device, dtype=dtype) + 1).reshape(1, -1, 1)
     return torch.tensor(check_int(num_prefix_tokens, "num_prefix_tokens", minimum=0) + 1, device=device, dtype=dtype)
 

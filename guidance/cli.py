@@ -23,7 +23,7 @@ SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "typical_p")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The CLI's flags: one flat ``add_argument`` per flag (long, but it reads as the CLI's reference)."""
+    """The CLI's flags, in three groups (prompt and guidance, decoding, run); ``--help`` lists them so."""
     parser = argparse.ArgumentParser(
         prog="guidance-decoding",
         description=(
@@ -32,38 +32,47 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
+    _add_guidance_flags(parser)
+    _add_decoding_flags(parser)
+    _add_run_flags(parser)
+    return parser
+
+
+def _add_guidance_flags(parser: argparse.ArgumentParser) -> None:
+    """``--prompt``, ``--negative-prompt``, the scale, its schedule and form, adaptive CFG."""
+    group = parser.add_argument_group("prompt and guidance")
+    group.add_argument(
         "--prompt",
         default="Write a short story about a robot who learns to paint.",
         help="The prompt (sent through the chat template when the model has one).",
     )
-    parser.add_argument(
+    group.add_argument(
         "--negative-prompt",
         default=None,
         help="Unconditional context to steer away from. Default: the last prompt token (Sanchez et al.).",
     )
-    parser.add_argument(
+    group.add_argument(
         "--guidance-scale",
         type=float,
         default=1.5,
         help="CFG scale w in u + w (c - u): 1 is off, > 1 strengthens the prompt, < 1 with a negative prompt "
         "moves towards it. With --schedule linear/cosine this is the scale at the last token.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--schedule",
         choices=SCHEDULES,
         default="constant",
         help="Guidance-weight schedule over generated tokens: constant, or ramps from --schedule-start "
         "to --guidance-scale.",
     )
-    parser.add_argument("--schedule-start", type=float, default=1.0, help="Scale at the first token of a ramp.")
-    parser.add_argument(
+    group.add_argument("--schedule-start", type=float, default=1.0, help="Scale at the first token of a ramp.")
+    group.add_argument(
         "--cfg-form",
         choices=("log_probs", "logits"),
         default="log_probs",
         help="Combine log-probabilities (paper, transformers) or raw logits.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--guidance-adaptive",
         type=float,
         default=None,
@@ -71,37 +80,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="Adaptive CFG: skip the unconditional branch for tokens where the unconditional model would have to "
         "prefer the conditional top token by at least THRESHOLD nats to change it (e.g. 4; inf: exact rules only).",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="Number of tokens to generate (1-4096).")
-    parser.add_argument(
+
+
+def _add_decoding_flags(parser: argparse.ArgumentParser) -> None:
+    """Length, greedy or sampling, and the sampling settings."""
+    group = parser.add_argument_group("decoding")
+    group.add_argument("--max-new-tokens", type=int, default=64, help="Number of tokens to generate (1-4096).")
+    group.add_argument(
         "--do-sample",
         action="store_true",
         help="Sample instead of greedy decoding (implied by any of the five sampling flags below).",
     )
-    parser.add_argument("--temperature", type=float, default=None, help="Sampling temperature (> 0); implies --do-sample.")
-    parser.add_argument("--top-k", type=int, default=None, help="Keep the k most likely tokens; implies --do-sample.")
-    parser.add_argument("--top-p", type=float, default=None, help="Nucleus sampling mass in (0, 1]; implies --do-sample.")
-    parser.add_argument("--min-p", type=float, default=None, help="Min-p threshold in [0, 1]; implies --do-sample.")
-    parser.add_argument(
+    group.add_argument("--temperature", type=float, default=None, help="Sampling temperature (> 0); implies --do-sample.")
+    group.add_argument("--top-k", type=int, default=None, help="Keep the k most likely tokens; implies --do-sample.")
+    group.add_argument("--top-p", type=float, default=None, help="Nucleus sampling mass in (0, 1]; implies --do-sample.")
+    group.add_argument("--min-p", type=float, default=None, help="Min-p threshold in [0, 1]; implies --do-sample.")
+    group.add_argument(
         "--typical-p", type=float, default=None, help="Locally typical sampling mass in (0, 1]; implies --do-sample."
     )
-    parser.add_argument("--repetition-penalty", type=float, default=None, help="Repetition penalty (> 0).")
-    parser.add_argument("--seed", type=int, default=0, help="Random seed (both runs start from it).")
-    parser.add_argument(
+    group.add_argument("--repetition-penalty", type=float, default=None, help="Repetition penalty (> 0).")
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """Seed, model, chat template, output width and threads."""
+    group = parser.add_argument_group("run")
+    group.add_argument("--seed", type=int, default=0, help="Random seed (both runs start from it).")
+    group.add_argument(
         "--model",
         default=None,
         help="Path to a local transformers causal-LM folder. Default: the embedded SmolLM2-135M-Instruct.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--no-chat-template", action="store_true", help="Use the prompt as raw text even if the model has a chat template."
     )
-    parser.add_argument("--width", type=int, default=None, help="Output width in characters (default: terminal).")
-    parser.add_argument(
+    group.add_argument("--width", type=int, default=None, help="Output width in characters (default: terminal).")
+    group.add_argument(
         "--threads",
         type=int,
         default=None,
         help="torch CPU threads (default: torch's choice). On a busy machine 1 can be much faster than 2.",
     )
-    return parser
 
 
 def _schedule(args: argparse.Namespace) -> Schedule | None:

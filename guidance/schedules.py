@@ -27,14 +27,18 @@ Example:
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from torch import Tensor
-
-from guidance.validation import check_choice, check_finite, check_int, check_optional_int, check_range
+from guidance.validation import (
+    check_choice,
+    check_finite,
+    check_int,
+    check_optional_int,
+    check_range,
+    is_real_number,
+)
 
 __all__ = [
     "Schedule",
@@ -579,12 +583,10 @@ def as_schedule(value: float | int | Schedule | Callable[..., float]) -> Schedul
     """
     if isinstance(value, _SCHEDULE_TYPES):
         return value
-    if isinstance(value, bool):
-        raise TypeError(f"Expected a number, a Schedule or a callable for the guidance scale, got {value!r}.")
-    if isinstance(value, numbers.Real) or (isinstance(value, Tensor) and value.ndim == 0):
+    if is_real_number(value):
         return Constant(check_finite(value, "scale"))
-    if callable(value):
+    if callable(value) and not isinstance(value, bool):
         return FunctionSchedule(value)
     raise TypeError(
-        f"Expected a number, a Schedule or a callable for the guidance scale, got {type(value).__name__}."
+        f"Expected a number, a Schedule or a callable for the guidance scale, got {type(value).__name__} {value!r}."
     )

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from guidance.tensors import float64_device, per_sample, pow2_exponent, saturate, work_dtype
-from guidance.validation import check_bool, check_range, check_same_shape, check_tensor
+from guidance.validation import check_bool, check_range, check_same_shape, check_tensor, check_tensor_range
 
 __all__ = [
     "PREDICTION_TYPES",
@@ -94,10 +94,7 @@ def _check_level(value: Any, name: str, hi: float = math.inf) -> Level:
         raise ValueError(
             f"`{name}` must be a number or a tensor of shape (), (B,) or (B, 1, ..., 1), got shape {tuple(value.shape)}."
         )
-    if not bool((torch.isfinite(value) & (value >= 0) & (value <= hi)).all()):
-        interval = f"[0, {hi}]" if math.isfinite(hi) else "[0, inf)"
-        raise ValueError(f"`{name}` must hold finite numbers in {interval}, got {value}.")
-    return value
+    return check_tensor_range(value, name, 0.0, hi)
 
 
 def _sqrt(value: Level) -> Level:

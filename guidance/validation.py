@@ -37,6 +37,7 @@ __all__ = [
     "check_choice",
     "check_scale",
     "check_batch_scale",
+    "check_tensor_range",
     "check_tensor",
     "check_same_shape",
     "check_no_nan",
@@ -208,14 +209,18 @@ def check_choice(value: Any, name: str, choices: Iterable[Any]) -> Any:
     return value
 
 
-def check_tensor(value: Any, name: str, *, floating: bool = False, min_ndim: int = 0) -> Tensor:
-    """A ``torch.Tensor`` (``TypeError`` otherwise), floating-point with ``floating=True``
-    (``TypeError``), with at least ``min_ndim`` dimensions (``ValueError``).
+def check_tensor(
+    value: Any, name: str, *, floating: bool = False, real: bool = False, min_ndim: int = 0
+) -> Tensor:
+    """A ``torch.Tensor`` (``TypeError`` otherwise), floating-point with ``floating=True`` or real
+    (neither complex nor bool) with ``real=True`` (``TypeError``), with at least ``min_ndim``
+    dimensions (``ValueError``). Never reads the values (no device sync).
 
     Args:
         value (Any): the argument's value.
         name (str): the argument's name, used in the error.
         floating (bool): require a floating-point dtype.
+        real (bool): require a real dtype (integer or floating point, not bool).
         min_ndim (int): the least number of dimensions.
 
     Example:
@@ -230,6 +235,8 @@ def check_tensor(value: Any, name: str, *, floating: bool = False, min_ndim: int
         raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}.")
     if floating and not value.is_floating_point():
         raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {value.dtype}.")
+    if real:
+        _check_real_tensor(value, name)
     if value.ndim < min_ndim:
         raise ValueError(
             f"`{name}` must have at least {min_ndim} dimension(s) (batch first), got shape {tuple(value.shape)}."
@@ -328,6 +335,40 @@ def check_scale(scale: Any, name: str = "guidance_scale") -> float | Tensor:
             raise ValueError(f"`{name}` must be finite real numbers in (-inf, inf), got {scale}.")
         return scale
     return check_finite(scale, name)
+
+
+def check_tensor_range(
+    value: Any, name: str, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
+) -> Tensor:
+    """A real tensor whose every entry is a finite number in the interval from ``lo`` to ``hi``.
+
+    Reads the values (one device sync): call it where a tensor enters, not once per step on a GPU.
+    The tensor counterpart of :func:`check_range`; ``TypeError`` for a non-tensor or a complex or
+    bool tensor, ``ValueError`` naming the argument and the interval otherwise.
+
+    Args:
+        value (Any): the argument's value.
+        name (str): the argument's name, used in the error.
+        lo (float): lower end (``-inf`` allowed; the entries must still be finite).
+        hi (float): upper end (``inf`` allowed; the entries must still be finite).
+        lo_open (bool): exclude ``lo``.
+        hi_open (bool): exclude ``hi``.
+
+    Example:
+        >>> import torch
+        >>> from guidance.validation import check_tensor_range
+        >>> check_tensor_range(torch.tensor([0.5, 1.5]), "scale", 0.0, 1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: `scale` must hold finite numbers in [0.0, 1.0], got tensor([0.5000, 1.5000]).
+    """
+    check_tensor(value, name, real=True)
+    above = value > lo if lo_open else value >= lo
+    below = value < hi if hi_open else value <= hi
+    if not bool((torch.isfinite(value) & above & below).all()):
+        shown = _interval(lo, hi, lo_open or math.isinf(lo), hi_open or math.isinf(hi))
+        raise ValueError(f"`{name}` must hold finite numbers in {shown}, got {value}.")
+    return value
 
 
 def check_batch_scale(scale: Any, batch: int, name: str = "guidance_scale") -> float | Tensor:

@@ -51,7 +51,7 @@ from guidance.validation import (
     check_range,
     check_same_shape,
     check_tensor,
-    is_real_number,
+    check_tensor_range,
 )
 
 __all__ = [
@@ -72,20 +72,11 @@ Level = float | Tensor
 
 def _check_lambda(scale: float | Tensor, name: str, values: bool) -> float | Tensor:
     """CFG++'s ``lambda``: a real number (or real tensor) in [0, 1]; a device tensor's values only if ``values``."""
-    what = f"`{name}` (CFG++'s lambda)"
-    if isinstance(scale, Tensor):
-        if scale.is_complex() or scale.dtype == torch.bool:
-            raise TypeError(f"{what} must be a real number or a real tensor, got dtype {scale.dtype}.")
-        if not (values or scale.device.type == "cpu"):
-            return scale
-        if not bool((torch.isfinite(scale) & (scale >= 0) & (scale <= 1)).all()):
-            raise ValueError(f"{what} must be in [0, 1], got {scale!r}.")
-        return scale
-    if not is_real_number(scale):
-        raise TypeError(f"{what} must be a real number in [0, 1], got {type(scale).__name__} {scale!r}.")
-    if not 0.0 <= float(scale) <= 1.0:
-        raise ValueError(f"{what} must be in [0, 1], got {scale!r}.")
-    return float(scale)
+    if not isinstance(scale, Tensor):
+        return check_range(scale, name, 0.0, 1.0)
+    if values or scale.device.type == "cpu":
+        return check_tensor_range(scale, name, 0.0, 1.0)
+    return check_tensor(scale, name, real=True)
 
 
 def validate_cfgpp_scale(scale: float | Tensor, name: str = "scale") -> None:
@@ -106,7 +97,7 @@ def validate_cfgpp_scale(scale: float | Tensor, name: str = "scale") -> None:
         >>> validate_cfgpp_scale(1.5)
         Traceback (most recent call last):
         ...
-        ValueError: `scale` (CFG++'s lambda) must be in [0, 1], got 1.5.
+        ValueError: `scale` must be a number in [0.0, 1.0], got 1.5.
     """
     _check_lambda(scale, name, values=True)
 

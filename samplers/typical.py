@@ -37,6 +37,7 @@ import math
 
 import torch
 
+from guidance.validation import check_bool
 from samplers.kernels.dispatch import typical_filter
 from samplers.kernels.reference import validate_filter_value, validate_mass, validate_min_tokens_to_keep
 
@@ -110,9 +111,7 @@ class LocallyTypicalWarper:
         self.mass = validate_mass(mass)
         self.min_tokens_to_keep = validate_min_tokens_to_keep(min_tokens_to_keep)
         self.filter_value = validate_filter_value(filter_value)
-        if not isinstance(check_finite, bool):
-            raise TypeError(f"`check_finite` must be a bool, got {type(check_finite).__name__}.")
-        self.check_finite = check_finite
+        self.check_finite = check_bool(check_finite, "check_finite")
 
     def __call__(self, input_ids: torch.LongTensor | None, scores: torch.FloatTensor) -> torch.FloatTensor:
         return typical_filter(

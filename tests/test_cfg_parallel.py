@@ -167,8 +167,12 @@ def test_plan_gives_every_row_to_exactly_one_rank():
         plan([2], 2, "even")
     with pytest.raises(ValueError, match="world_size"):
         plan([2], 0)
-    with pytest.raises(ValueError, match="sizes"):
+    with pytest.raises(ValueError, match=r"`sizes\[0\]` must be an integer in \[1, inf\]"):
         plan([0], 2)
+    with pytest.raises(TypeError, match="`world_size` must be an integer"):
+        plan([2], 2.0)
+    with pytest.raises(TypeError, match=r"`sizes\[1\]` must be an integer"):
+        plan([2, True], 2)
 
 
 def test_a_branch_keeps_its_home_rank_when_others_come_and_go():
@@ -204,8 +208,10 @@ def test_parallel_arguments_are_checked_before_any_process_group():
         attach(pipe, CFG(3.0), parallel=2)
     with pytest.raises(ValueError, match="balance"):
         DistributedEvaluator(balance="columns")
-    with pytest.raises(ValueError, match="timeout"):
+    with pytest.raises(ValueError, match=r"`timeout` must be a number in \(0.0, inf\]"):
         DistributedEvaluator(timeout=0)
+    with pytest.raises(TypeError, match="`timeout` must be a real number"):
+        DistributedEvaluator(timeout="60")
     assert getattr(pipe, "_guidance_handle", None) is None
 
 

@@ -194,3 +194,42 @@ def test_cycle_finder_finds_cycles_and_skips_type_checking_imports():
     source = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import x\nelse:\n    import y\n"
     nodes = _runtime_nodes(ast.parse(source))
     assert sorted(a.name for n in nodes if isinstance(n, ast.Import) for a in n.names) == ["y"]
+
+
+def _project_module_exports(module: str) -> set[str] | None:
+    """Names a project module defines at top level (assignments, defs, imports, lazy ``__all__``); None if absent."""
+    path = ROOT / Path(*module.split("."))
+    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    if not path.exists():
+        return None
+    names: set[str] = set()
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names.add(node.value)  # lazy exports name their attributes in strings (__all__, _LAZY tables)
+    if path.name == "__init__.py":
+        names.update(child.stem for child in path.parent.iterdir() if child.suffix == ".py" or child.is_dir())
+    return names
+
+
+def test_every_project_import_names_something_that_exists():
+    # Imports inside functions (lazy adapters, guidance.vllm, demos) run only in some environments:
+    # check statically that each ``from guidance... import name`` still finds its module and name.
+    missing = []
+    for path in _python_files("guidance", "samplers", "demos", "benchmarks", "tests"):
+        for module, names in _imports(path):
+            if not module.startswith(("guidance", "samplers")):
+                continue
+            exports = _project_module_exports(module)
+            if exports is None:
+                missing.append(f"{_module_name(path)}: no module {module}")
+                continue
+            missing.extend(f"{_module_name(path)}: {module}.{n}" for n in names if n != "*" and n not in exports)
+    assert not missing, "imports of names that do not exist:\n" + "\n".join(missing)

@@ -475,6 +475,12 @@ def test_guided_output_differs_from_cond_and_follows_schedules(name):
         (lambda: ops.random_labels_like(torch.zeros(2), 0), "num_classes", ValueError),
         (lambda: ops.perturb_time_embedding(torch.ones(2, 3), torch.ones(3)), "timestep", ValueError),
         (lambda: ops.perturb_time_embedding(torch.ones(2, 3), 1.0, noise=torch.ones(3)), "noise", ValueError),
+        (lambda: ops.perturb_time_embedding([1.0, 2.0], 1.0), "embedding", TypeError),
+        (lambda: ops.perturb_time_embedding(torch.ones(2, 3), 1.0, noise=[1.0]), "noise", TypeError),
+        (lambda: ops.perturb_time_embedding(torch.ones(2, 3), 1.0, scale_by_std=1), "scale_by_std", TypeError),
+        (lambda: ops.random_embedding_like(torch.ones(2, 3, dtype=torch.long)), "embeds", TypeError),
+        (lambda: ops.random_embedding_like(torch.ones(2, 3), match_std="yes"), "match_std", TypeError),
+        (lambda: ops.random_labels_like([0, 1], 10), "labels", TypeError),
     ],
 )
 def test_bad_arguments_raise_naming_the_argument(make, argument, error):

@@ -56,6 +56,7 @@ def interpreted() -> ModuleType:
     return triton_kernels
 
 
+@pytest.mark.slow  # about a minute: every kernel under TRITON_INTERPRET=1 in a fresh interpreter
 @pytest.mark.skipif(INTERPRETING, reason="already under the interpreter")
 def test_triton_kernels_under_the_interpreter() -> None:
     if (error := _triton_import_error()) is not None:

@@ -351,6 +351,10 @@ def test_bad_arguments_are_rejected_before_any_work(word_tokenizer):
             ClassifierWeightedLogitsProcessor(word_tokenizer, classifier, alpha=1.0, **kwargs)
     with pytest.raises(TypeError, match="callable"):
         ClassifierWeightedLogitsProcessor(word_tokenizer, "not a classifier", alpha=1.0)
+    with pytest.raises(TypeError, match="`include_prompt` must be a bool"):
+        ClassifierWeightedLogitsProcessor(word_tokenizer, classifier, alpha=1.0, include_prompt=0)
+    with pytest.raises(ValueError, match=r"`filter_value` must be a number in \[-inf, inf\)"):
+        ClassifierWeightedLogitsProcessor(word_tokenizer, classifier, alpha=1.0, filter_value=math.inf)
 
 
 def test_nan_scores_or_nan_classifier_output_are_clear_errors(word_tokenizer):
@@ -542,6 +546,26 @@ def test_gedi_bad_arguments(tiny_lm, word_tokenizer):
     assert gedi.class_prompt_ids == [[3], [4]]
     with pytest.raises(ValueError, match="vocabulary"):
         gedi(torch.tensor([[5, 6]]), torch.zeros(1, 200))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"logit_scale": -0.5}, ValueError, r"`logit_scale` must be a number in \[0.0, inf\), got -0.5"),
+        ({"logit_scale": math.inf}, ValueError, r"`logit_scale` must be a number in \[0.0, inf\)"),
+        ({"logit_scale": "1"}, TypeError, "`logit_scale` must be a real number"),
+        ({"length_normalize": 1}, TypeError, "`length_normalize` must be a bool"),
+        ({"score_prompt": "no"}, TypeError, "`score_prompt` must be a bool"),
+        ({"pad_token_id": -1}, ValueError, r"`pad_token_id` must be an integer in \[0, inf\]"),
+    ],
+)
+def test_gedi_options_are_checked_in_the_constructor_before_any_work(tiny_lm, kwargs, error, match):
+    # string prompts without a tokenizer would fail later: the option's error comes first, from the
+    # constructor, not from the first generation step (where gedi_class_log_probs also refuses it)
+    with pytest.raises(error, match=match):
+        GeDiLogitsProcessor(tiny_lm, ["good", "bad"], omega=1.0, **kwargs)
+    gedi = GeDiLogitsProcessor(tiny_lm, CLASS_PROMPTS, omega=1.0, logit_scale=0.0, pad_token_id=0)
+    assert gedi.logit_scale == 0.0 and isinstance(gedi.logit_scale, float)
 
 
 @pytest.mark.parametrize("prompts", [[[3], [96]], [[3], [-1]], [[3, 5], [4, 10**9]]])

@@ -175,7 +175,7 @@ class _PipelineScale:
 
     def __call__(self, step: int, num_steps: int | None = None, sigma: float | None = None) -> float:
         scale = getattr(self.pipe, "guidance_scale", None)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        if not is_real_number(scale):
             raise ValueError(
                 f"{type(self.pipe).__name__} does not expose its guidance scale (`guidance_scale`); "
                 "pass a guider or a scale to `attach`."
@@ -328,6 +328,8 @@ def attach(
     guider = _as_guider(pipe, guider)
     inputs = _check_branch_inputs(branch_inputs, module)
     _check_guider(guider, mode, inputs)
+    if callable(getattr(guider, "check_denoiser", None)):  # e.g. NAG needs cross-attention layers
+        guider.check_denoiser(module)
     if prediction_type is not None:
         prediction_type = normalize_prediction_type(prediction_type)
     _check_scheduler(pipe, guider, mode, prediction_type)

@@ -33,7 +33,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,6 +41,7 @@ from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 
 from guidance.guiders import APG, CFG, BetaCFG, CFGZeroStar, Guider
 from guidance.schedules import Constant, Schedule
+from guidance.validation import check_finite
 
 if TYPE_CHECKING:
     from diffusers.modular_pipelines.modular_pipeline import BlockState
@@ -62,11 +62,7 @@ class GuiderComponent(BaseGuidance):
         self, guidance_scale: float, schedule: Schedule | None, start: float, stop: float, enabled: bool
     ):
         super().__init__(start, stop, enabled)
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
-            raise ValueError(f"`guidance_scale` must be a finite real number, got {guidance_scale!r}.")
-        if not math.isfinite(guidance_scale):
-            raise ValueError(f"`guidance_scale` must be a finite real number, got {guidance_scale!r}.")
-        self.guidance_scale = float(guidance_scale)
+        self.guidance_scale = check_finite(guidance_scale, "guidance_scale")
         self.schedule = schedule
         self.guider: Guider = self._build_guider(schedule if schedule is not None else self.guidance_scale)
 

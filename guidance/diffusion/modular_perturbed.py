@@ -1,4 +1,4 @@
-"""Perturbation guiders as diffusers guider components for modular pipelines (PAG, SLG, SEG).
+"""Perturbation guiders as diffusers guider components for modular pipelines (PAG, SLG, SEG; NAG).
 
 Diffusers' modular denoise loop asks the guider for its batches (``prepare_inputs``), and around
 each batch's forward calls ``prepare_models(denoiser)`` / ``cleanup_models(denoiser)``. These
@@ -8,6 +8,12 @@ on, the perturbed batch only inside the perturbation window), enter the guider's
 it in ``cleanup_models``. A hook left open by a forward that raised is closed at the next
 ``set_state`` or ``prepare_models``. The combine is the wrapped guider's
 (:class:`~guidance.guiders.PerturbedAttention` etc.), ``convention`` included.
+
+:class:`NAGGuidance` has no perturbed batch: it returns ``[cond]`` (``[cond, uncond]`` with CFG)
+and installs the NAG cross-attention hook for the ``cond`` batch. Its negative context is the
+one set on the component (``component.negative = embeds``) or else the pipeline's negative
+prompt embeddings of the step (the unconditional entry of ``prompt_embeds`` /
+``encoder_hidden_states``, which text-encoder steps compute only when CFG is on).
 
 Example:
     >>> import torch
@@ -26,12 +32,18 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 
-from guidance.guiders import PerturbedAttention, PerturbedGuider, SkipLayer, SmoothedEnergy
+from guidance.guiders import (
+    NormalizedAttention,
+    PerturbedAttention,
+    PerturbedGuider,
+    SkipLayer,
+    SmoothedEnergy,
+)
 
 if TYPE_CHECKING:
     from diffusers.modular_pipelines.modular_pipeline import BlockState
 
-__all__ = ["PerturbedGuiderComponent", "PAGGuidance", "SLGGuidance", "SEGGuidance"]
+__all__ = ["PerturbedGuiderComponent", "PAGGuidance", "SLGGuidance", "SEGGuidance", "NAGGuidance"]
 
 _TUPLE_INDEX = {"pred_cond": 0, "pred_uncond": 1, "pred_cond_perturbed": 0}
 
@@ -161,3 +173,91 @@ class SEGGuidance(PerturbedGuiderComponent):
                                 start=perturbed_start, stop=perturbed_stop, convention=convention,
                                 rescale=guidance_rescale)
         self._setup(guider, start, stop, enabled)
+
+
+_CONTEXT_FIELDS = ("encoder_hidden_states", "prompt_embeds")
+
+
+class NAGGuidance(PerturbedGuiderComponent):
+    """:class:`~guidance.guiders.NormalizedAttention` (NAG) as a modular guider component.
+
+    Args:
+        guidance_scale (float): CFG scale (1, the default: NAG alone, one batch per step).
+        nag_scale (float): NAG scale (1: off). nag_tau (float), nag_alpha (float), nag_norm (str):
+            see :func:`~guidance.ops.normalized_attention_guidance`.
+        layers (str | list[str] | None): cross-attention layers (``None``: all).
+        nag_start, nag_stop (float): NAG window as fractions of the run. guidance_rescale (float): CFG rescale.
+        start, stop, enabled: diffusers' guider switches (whole guidance on/off).
+
+    Set ``component.negative`` (text embeddings, or ``prompt_inputs(...)``) to choose the NAG
+    negative; otherwise the pipeline's negative prompt embeddings are used (module docstring).
+    """
+
+    _input_predictions = ["pred_cond", "pred_uncond"]
+
+    @register_to_config
+    def __init__(self, guidance_scale: float = 1.0, nag_scale: float = 5.0, nag_tau: float = 2.5,
+                 nag_alpha: float = 0.25, nag_norm: str = "l1", layers: str | list[str] | None = None,
+                 nag_start: float = 0.0, nag_stop: float = 1.0, guidance_rescale: float = 0.0,
+                 start: float = 0.0, stop: float = 1.0, enabled: bool = True):
+        guider = NormalizedAttention(guidance_scale, nag_scale, tau=nag_tau, alpha=nag_alpha, norm=nag_norm,
+                                     layers=layers, start=nag_start, stop=nag_stop, rescale=guidance_rescale)
+        self._setup(guider, start, stop, enabled)
+        self._explicit = False
+
+    @property
+    def negative(self) -> torch.Tensor | None:
+        """The NAG negative context set on the component (``None``: the pipeline's negative embeddings)."""
+        return self.guider.negative if self._explicit else None
+
+    @negative.setter
+    def negative(self, value: Any) -> None:
+        self.guider.negative = value
+        self._explicit = value is not None
+
+    def _names(self) -> list[str]:
+        step = 0 if self._step is None else self._step
+        if self._enabled and self.guider.needs_uncond(step, self._num_inference_steps, None):
+            return ["pred_cond", "pred_uncond"]
+        return ["pred_cond"]
+
+    def _nag_on(self) -> bool:
+        return self._enabled and self._step is not None and (
+            self.guider.nag_scale_at(self._step, self._num_inference_steps, None) != 1.0
+        )
+
+    def _pipeline_negative(self, value: Any) -> None:
+        if not self._explicit and isinstance(value, torch.Tensor):
+            self.guider.negative = value
+
+    def prepare_inputs(self, data: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[BlockState]:
+        for field in _CONTEXT_FIELDS:
+            if isinstance(data.get(field), tuple) and len(data[field]) > 1:
+                self._pipeline_negative(data[field][1])
+                break
+        return super().prepare_inputs(data)
+
+    def prepare_inputs_from_block_state(
+        self, data: BlockState, input_fields: dict[str, str | tuple[str, str]]
+    ) -> list[BlockState]:
+        for field in _CONTEXT_FIELDS:
+            names = input_fields.get(field)
+            if isinstance(names, tuple) and len(names) > 1:
+                self._pipeline_negative(getattr(data, names[1], None))
+                break
+        return super().prepare_inputs_from_block_state(data, input_fields)
+
+    def prepare_models(self, denoiser: torch.nn.Module) -> None:
+        self._close()
+        self._count_prepared += 1
+        if self._count_prepared == 1 and self._nag_on():  # the cond batch comes first
+            cond = self.guider.branches(self._step, self._num_inference_steps)[0]
+            self._open = cond.hook.apply(denoiser, None)
+            self._open.__enter__()
+
+    def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None) -> GuiderOutput:
+        if not self._enabled:
+            return GuiderOutput(pred=pred_cond, pred_cond=pred_cond, pred_uncond=pred_uncond)
+        step = 0 if self._step is None else self._step
+        pred = self.guider(pred_cond, pred_uncond, step=step, num_steps=self._num_inference_steps)
+        return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)

@@ -45,6 +45,7 @@ Example (single process: the plan, and the one-process equivalent of two ranks):
 
 from __future__ import annotations
 
+import math
 import time
 import zlib
 from collections.abc import Mapping, Sequence
@@ -56,6 +57,7 @@ from torch import Tensor
 
 from guidance.diffusion.branches import BranchRequest
 from guidance.diffusion.distributed import Exchange, Group, ParallelError, connect, is_main_process
+from guidance.validation import check_choice, check_int, check_range, is_real_number
 
 __all__ = [
     "BALANCES",
@@ -112,12 +114,9 @@ def plan(
         whole (Sequence[bool] | None): requests that must not be split (hooked branches, whose hooks
             may keep state per call); default none.
     """
-    if balance not in BALANCES:
-        raise ValueError(f"`balance` must be one of {BALANCES}, got {balance!r}.")
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"`world_size` must be an integer >= 1, got {world_size!r}.")
-    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
-        raise ValueError(f"`sizes` must be integers >= 1, got {list(sizes)!r}.")
+    check_choice(balance, "balance", BALANCES)
+    world_size = check_int(world_size, "world_size", minimum=1)
+    sizes = [check_int(n, f"sizes[{i}]", minimum=1) for i, n in enumerate(sizes)]
     homes = [i % world_size for i in range(len(sizes))] if homes is None else list(homes)
     whole = [False] * len(sizes) if whole is None else list(whole)
     if len(homes) != len(sizes) or any(not 0 <= h < world_size for h in homes) or len(whole) != len(sizes):
@@ -268,11 +267,9 @@ class DistributedEvaluator:
     """
 
     def __init__(self, group: Any = None, *, balance: str = "branches", timeout: float = DEFAULT_TIMEOUT):
-        if balance not in BALANCES:
-            raise ValueError(f"`balance` must be one of {BALANCES}, got {balance!r}.")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ValueError(f"`timeout` must be a number of seconds > 0, got {timeout!r}.")
-        self.requested_group, self.balance, self.timeout = group, balance, float(timeout)
+        check_choice(balance, "balance", BALANCES)
+        timeout = check_range(timeout, "timeout", 0.0, math.inf, lo_open=True)  # seconds
+        self.requested_group, self.balance, self.timeout = group, balance, timeout
         self.group: Group | None = None
         self.timings = ParallelTimings()
         self._exchange: Exchange | None = None
@@ -506,7 +503,7 @@ def _input_digest(requests: Sequence[BranchRequest]) -> Tensor:
     call = requests[0].inputs.call
     tensors = [call.batched[path] for path in sorted(call.batched)]
     timestep = call.argument("timestep")
-    if isinstance(timestep, (int, float)) and not isinstance(timestep, bool):
+    if is_real_number(timestep) and not isinstance(timestep, Tensor):
         timestep = torch.tensor(timestep, dtype=torch.float64)
     if isinstance(timestep, Tensor) and all(timestep is not t for t in tensors):
         tensors.append(timestep)

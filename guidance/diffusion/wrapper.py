@@ -37,6 +37,8 @@ from guidance.diffusion.stats import GuidanceStats
 from guidance.diffusion.steps import StepTracker
 from guidance.guiders import guide
 from guidance.spaces import NoiseLevel
+from guidance.tensors import per_sample
+from guidance.validation import is_real_number
 from samplers.cfgpp import validate_cfgpp_scale
 
 if TYPE_CHECKING:
@@ -159,7 +161,7 @@ class DenoiserWrapper:
         ctx.scale = handle.guider.scale_at(ctx.step, ctx.num_steps, ctx.sigma)
         stats.scales.append(ctx.scale)
         if handle.mode == "cfgpp":
-            validate_cfgpp_scale(ctx.scale, "guider scale")
+            validate_cfgpp_scale(ctx.scale, "scale (CFG++'s lambda)")
             ctx.branches = (COND, UNCOND)
         else:
             ctx.branches = branches_of(handle.guider, ctx.step, ctx.num_steps, ctx.sigma)
@@ -278,7 +280,7 @@ class DenoiserWrapper:
             **extras,
         )
         if ctx.n_active < ctx.batch:
-            mask = ctx.active.to(cond.device).reshape(-1, *([1] * (cond.ndim - 1)))
+            mask = per_sample(ctx.active.to(cond.device), cond)
             guided = torch.where(mask, guided, cond)
         return guided
 
@@ -311,7 +313,7 @@ class DenoiserWrapper:
         handle.stats = GuidanceStats()
         handle.runs.append(handle.stats)
         rescale = getattr(handle.pipe, "guidance_rescale", 0.0)
-        if isinstance(rescale, (int, float)) and not isinstance(rescale, bool) and rescale > 0:
+        if is_real_number(rescale) and rescale > 0:
             self._warn_once(
                 "rescale",
                 f"The pipeline's `guidance_rescale={rescale}` is applied on top of the attached guider's output; "

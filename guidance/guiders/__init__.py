@@ -15,6 +15,7 @@ from guidance.guiders.fdg import FrequencyDecoupled
 from guidance.guiders.fresca import FreSca
 from guidance.guiders.magnitude import MagnitudeAware
 from guidance.guiders.mahiro import SimilarityAdaptive
+from guidance.guiders.nag import NormalizedAttention
 from guidance.guiders.perp_neg import PerpNeg
 from guidance.guiders.perturbed import (
     PerturbedAttention,
@@ -55,4 +56,5 @@ __all__ = [
     "TokenPerturbation",
     "StochasticSelf",
     "AutoGuidance",
+    "NormalizedAttention",
 ]

@@ -96,7 +96,7 @@ class Guider:
             num_steps (int | None): total number of steps (``>= 1``) when known.
             sigma (float | None): the current noise level (``>= 0``) when known.
         """
-        return check_finite(self.schedule(step, num_steps, sigma), "schedule(step)")
+        return check_finite(self.schedule(step, num_steps, sigma), f"schedule({step})")
 
     def needs_uncond(self, step: int, num_steps: int | None = None, sigma: float | None = None) -> bool:
         """Whether the unconditional prediction is needed at ``step``; ``False`` lets adapters skip it.

@@ -8,6 +8,7 @@ from guidance import ops
 from guidance.guiders.base import Dims, Guider
 from guidance.ops.beta import check_gamma
 from guidance.schedules import BetaPdf, Schedule, check_beta_shape
+from guidance.validation import is_real_number
 
 
 class BetaCFG(Guider):
@@ -45,7 +46,7 @@ class BetaCFG(Guider):
         dims: Dims = None,
     ):
         self.a, self.b = check_beta_shape(a, b)
-        if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        if is_real_number(scale) and not isinstance(scale, Tensor):
             scale = BetaPdf(scale, self.a, self.b)
         super().__init__(scale, rescale=rescale, dims=dims)
         self.gamma = check_gamma(gamma)

@@ -26,7 +26,7 @@ from guidance.branches import COND, UNCOND, Branch
 from guidance.guiders.base import Dims, Guider
 from guidance.ops.perturbed import PERTURBED_CONVENTIONS
 from guidance.schedules import Schedule, as_schedule
-from guidance.validation import check_choice, check_range
+from guidance.validation import check_choice, check_finite, check_range
 
 __all__ = [
     "PerturbedGuider",
@@ -97,10 +97,7 @@ class PerturbedGuider(Guider):
         """``s`` at ``step`` (0 outside the window: no perturbed evaluation)."""
         if not self.in_window(step, num_steps):
             return 0.0
-        value = float(self.perturbed_schedule(step, num_steps, sigma))
-        if not math.isfinite(value):
-            raise ValueError(f"The perturbed-scale schedule returned {value!r} at step {step}.")
-        return value
+        return check_finite(self.perturbed_schedule(step, num_steps, sigma), f"perturbed_schedule({step})")
 
     def branches(self, step: int, num_steps: int | None = None, sigma: float | None = None) -> tuple[Branch, ...]:
         own = (COND, UNCOND) if self.needs_uncond(step, num_steps, sigma) else (COND,)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import LongTensor, Tensor
 
+from guidance.lm.padding import position_ids
+
 __all__ = ["GuidedBatch", "build_guided_batch", "expand_negative_prompt"]
 
 
@@ -120,5 +122,4 @@ def build_guided_batch(
     uncond_ids, uncond_mask = _left_pad(unconditional_ids, unconditional_mask, total, pad_token_id)
     ids = torch.cat([cond_ids, uncond_ids], dim=0)
     mask = torch.cat([cond_mask, uncond_mask], dim=0)
-    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    return GuidedBatch(ids, mask, position_ids, rows)
+    return GuidedBatch(ids, mask, position_ids(mask), rows)

@@ -23,7 +23,6 @@ classes. With guidance off, ``generate``'s own decoding runs instead
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,6 +40,7 @@ from guidance.lm.beams import cfg_beam_search
 from guidance.lm.sampling import GeneratorSampling, sample_with_generator
 from guidance.lm.two_branch import OutputRecord, TwoBranchForward
 from guidance.schedules import Constant, Schedule, as_schedule
+from guidance.validation import check_bool, check_choice, check_finite
 
 __all__ = ["cfg_generate", "CFG_FORMS"]
 
@@ -151,10 +151,8 @@ def cfg_generate(
     logits_processor, generation_config = sample_with_generator(
         generator, logits_processor, generation_config
     )
-    if cfg_fused_sampling is not None and not isinstance(cfg_fused_sampling, bool):
-        raise TypeError(
-            f"`cfg_fused_sampling` must be None, True or False, got {type(cfg_fused_sampling).__name__}."
-        )
+    if cfg_fused_sampling is not None:
+        check_bool(cfg_fused_sampling, "cfg_fused_sampling")
     if cfg_negative_prompt_ids is not None:
         if negative_ids is not None:
             raise ValueError("Pass either `negative_prompt_ids` or `cfg_negative_prompt_ids`, not both.")
@@ -261,8 +259,7 @@ def _validate(
         )
     if mode == "beam" and streamer is not None:
         raise ValueError("Streamers are not supported with beam search (num_beams > 1), as in transformers.")
-    if cfg_form not in CFG_FORMS:
-        raise ValueError(f"`cfg_form` must be one of {CFG_FORMS}, got {cfg_form!r}.")
+    check_choice(cfg_form, "cfg_form", CFG_FORMS)
     if model_kwargs.pop("synced_gpus", False):
         raise ValueError("cfg_generate does not support `synced_gpus`.")
     if model_kwargs.get("inputs_embeds") is not None:
@@ -287,11 +284,7 @@ def _schedule(scale: float | None, guidance_schedule: Any) -> Schedule:
 
 
 def _scales(schedule: Schedule, num_steps: int) -> list[float]:
-    scales = [float(schedule(step, num_steps, None)) for step in range(max(num_steps, 0))]
-    for step, scale in enumerate(scales):
-        if not math.isfinite(scale):
-            raise ValueError(f"`guidance_schedule` must return finite scales; step {step} gave {scale}.")
-    return scales
+    return [check_finite(schedule(step, num_steps, None), f"guidance_schedule({step})") for step in range(max(num_steps, 0))]
 
 
 def _pad_value(generation_config: GenerationConfig) -> int | None:

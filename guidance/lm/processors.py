@@ -19,6 +19,7 @@ from transformers import DynamicCache, LogitsProcessor
 from guidance import ops
 from guidance.lm import compat
 from guidance.lm.generation_state import GenerationTracker
+from guidance.lm.padding import position_ids
 from guidance.schedules import Schedule, as_schedule
 
 __all__ = ["CFGLogitsProcessor", "ModelUnconditionalLogits"]
@@ -97,11 +98,11 @@ class ModelUnconditionalLogits:
             assert self._mask is not None
             self._mask = torch.cat([self._mask, torch.ones_like(new_ids)], dim=1)
         self._seen = input_ids.shape[1]
-        position_ids = (self._mask.cumsum(-1) - 1).clamp(min=0)[:, -new_ids.shape[1] :]
+        positions = position_ids(self._mask)[:, -new_ids.shape[1] :]
         out = self.model(
             input_ids=new_ids,
             attention_mask=self._mask,
-            position_ids=position_ids,
+            position_ids=positions,
             use_cache=True,
             **{compat.cache_argument(self.model): self._cache},
         )

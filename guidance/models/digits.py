@@ -34,7 +34,6 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,8 @@ from diffusers import (
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
+from guidance.validation import check_choice, check_finite, check_int, check_range
+
 __all__ = [
     "NUM_CLASSES",
     "NULL_CLASS",
@@ -62,6 +63,7 @@ __all__ = [
     "digits_scheduler_config",
     "build_digits_unet",
     "load_digits_unet",
+    "load_unet",
     "load_digits_scheduler",
     "load_digits_pipeline",
     "load_digits_split",
@@ -123,21 +125,31 @@ def build_digits_unet(seed: int | None = None) -> UNet2DModel:
     return UNet2DModel(**digits_unet_config())
 
 
-def load_digits_unet(weights_dir: str | Path | None = None) -> UNet2DModel:
-    """The trained UNet, read from safetensors (no pickle), in float32 and eval mode."""
+def load_unet(
+    weights_dir: str | Path | None, weights_name: str, config_name: str, default_config: dict[str, Any], trainer: str
+) -> UNet2DModel:
+    """A trained digits UNet from ``weights_dir`` (default: the shipped weights) in float32 and eval mode.
+
+    Weights are read from safetensors (no pickle); the config from ``config_name`` there, else
+    ``default_config``. A missing weights file raises ``FileNotFoundError`` naming ``trainer``,
+    the module that trains it.
+    """
     from safetensors.torch import load_file
 
     folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
-    weights = folder / UNET_WEIGHTS
+    weights = folder / weights_name
     if not weights.exists():
-        raise FileNotFoundError(
-            f"{weights} is missing; train it with `python -m guidance.models.digits_train`."
-        )
-    config_path = folder / UNET_CONFIG
-    config = json.loads(config_path.read_text()) if config_path.exists() else digits_unet_config()
+        raise FileNotFoundError(f"{weights} is missing; train it with `python -m {trainer}`.")
+    config_path = folder / config_name
+    config = json.loads(config_path.read_text()) if config_path.exists() else default_config
     unet = UNet2DModel(**config)
     unet.load_state_dict(load_file(str(weights)), strict=True)
     return unet.eval().requires_grad_(False)
+
+
+def load_digits_unet(weights_dir: str | Path | None = None) -> UNet2DModel:
+    """The trained UNet, read from safetensors (no pickle), in float32 and eval mode."""
+    return load_unet(weights_dir, UNET_WEIGHTS, UNET_CONFIG, digits_unet_config(), "guidance.models.digits_train")
 
 
 def load_digits_scheduler(kind: str = "ddim", weights_dir: str | Path | None = None, **overrides: Any):
@@ -145,8 +157,7 @@ def load_digits_scheduler(kind: str = "ddim", weights_dir: str | Path | None = N
 
     Keyword ``overrides`` replace entries of the shipped scheduler config.
     """
-    if kind not in _SCHEDULERS:
-        raise ValueError(f"`kind` must be one of {sorted(_SCHEDULERS)}, got {kind!r}.")
+    check_choice(kind, "kind", sorted(_SCHEDULERS))
     folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     config_path = folder / SCHEDULER_CONFIG
     config = json.loads(config_path.read_text()) if config_path.exists() else digits_scheduler_config()
@@ -280,36 +291,11 @@ class DigitsPipeline(DiffusionPipeline):
         eta: float,
         callback_on_step_end_tensor_inputs: Sequence[str] | None,
     ) -> None:
-        if (
-            isinstance(guidance_scale, bool)
-            or not isinstance(guidance_scale, (int, float))
-            or not math.isfinite(guidance_scale)
-        ):
-            raise ValueError(f"`guidance_scale` must be a finite real number, got {guidance_scale!r}.")
-        if (
-            isinstance(num_inference_steps, bool)
-            or not isinstance(num_inference_steps, int)
-            or num_inference_steps < 1
-        ):
-            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
-        if num_inference_steps > self.scheduler.config.num_train_timesteps:
-            raise ValueError(
-                f"`num_inference_steps` must be <= {self.scheduler.config.num_train_timesteps}, got {num_inference_steps}."
-            )
-        if (
-            isinstance(num_images_per_prompt, bool)
-            or not isinstance(num_images_per_prompt, int)
-            or num_images_per_prompt < 1
-        ):
-            raise ValueError(
-                f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt!r}."
-            )
-        if output_type not in ("np", "pt", "pil", "latent"):
-            raise ValueError(
-                f"`output_type` must be one of 'np', 'pt', 'pil', 'latent', got {output_type!r}."
-            )
-        if not (0.0 <= float(eta) <= 1.0):
-            raise ValueError(f"`eta` must be in [0, 1], got {eta!r}.")
+        check_finite(guidance_scale, "guidance_scale")
+        check_int(num_inference_steps, "num_inference_steps", 1, self.scheduler.config.num_train_timesteps)
+        check_int(num_images_per_prompt, "num_images_per_prompt", minimum=1)
+        check_choice(output_type, "output_type", ("np", "pt", "pil", "latent"))
+        check_range(eta, "eta", 0.0, 1.0)
         if callback_on_step_end_tensor_inputs is not None:
             unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
             if unknown:

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import UNet2DModel
 
-from guidance.models.digits import NULL_CLASS, WEIGHTS_DIR, digits_scheduler_config, digits_unet_config
+from guidance.models.digits import WEIGHTS_DIR, digits_unet_config, load_unet
+from guidance.validation import check_int
 
 __all__ = ["digits_weak_unet_config", "build_digits_weak_unet", "load_digits_weak_unet", "train_weak", "main"]
 
@@ -52,17 +52,7 @@ def build_digits_weak_unet(seed: int | None = None) -> UNet2DModel:
 
 def load_digits_weak_unet(weights_dir: str | Path | None = None) -> UNet2DModel:
     """The trained weak UNet from safetensors (no pickle), float32, eval mode."""
-    from safetensors.torch import load_file
-
-    folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
-    weights = folder / WEAK_WEIGHTS
-    if not weights.exists():
-        raise FileNotFoundError(f"{weights} is missing; train it with `python -m guidance.models.digits_weak`.")
-    config_path = folder / WEAK_CONFIG
-    config = json.loads(config_path.read_text()) if config_path.exists() else digits_weak_unet_config()
-    unet = UNet2DModel(**config)
-    unet.load_state_dict(load_file(str(weights)), strict=True)
-    return unet.eval().requires_grad_(False)
+    return load_unet(weights_dir, WEAK_WEIGHTS, WEAK_CONFIG, digits_weak_unet_config(), "guidance.models.digits_weak")
 
 
 def train_weak(
@@ -78,38 +68,25 @@ def train_weak(
     from safetensors.torch import save_file
 
     from guidance.models.digits import load_digits_split
-    from guidance.models.digits_train import _lr_factor, heldout_loss
+    from guidance.models.digits_train import DigitsTrainer, heldout_loss
 
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"`steps` and `batch_size` must be >= 1, got {steps} and {batch_size}.")
+    check_int(steps, "steps", minimum=1)
+    check_int(batch_size, "batch_size", minimum=1)
     torch.manual_seed(seed)
     images, labels = load_digits_split("train")
     heldout_images, heldout_labels = load_digits_split("heldout")
-    noise_scheduler = DDPMScheduler.from_config(digits_scheduler_config())
-    unet = build_digits_weak_unet(seed).train()
-    ema = build_digits_weak_unet(seed).eval().requires_grad_(False)
-    ema.load_state_dict(unet.state_dict())
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, min(50, steps), steps))
-    gen = torch.Generator().manual_seed(seed)
+    trainer = DigitsTrainer(
+        build_digits_weak_unet,
+        seed=seed,
+        lr=lr,
+        warmup=min(50, steps),
+        steps=steps,
+        cond_dropout=cond_dropout,
+        ema_decay=ema_decay,
+    )
     start = time.perf_counter()
-    losses = []
-    for step in range(steps):
-        idx = torch.randint(0, images.shape[0], (batch_size,), generator=gen)
-        x0, y = images[idx], labels[idx].clone()
-        y[torch.rand(batch_size, generator=gen) < cond_dropout] = NULL_CLASS
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
-        loss = F.mse_loss(unet(noise_scheduler.add_noise(x0, noise, t), t, class_labels=y).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), unet.parameters(), strict=True):
-                p_ema.lerp_(p, 1.0 - min(ema_decay, (1 + step) / (10 + step)))
-        losses.append(float(loss))
+    losses = [trainer.step(step, images, labels, batch_size) for step in range(steps)]
+    ema, noise_scheduler = trainer.ema, trainer.noise_scheduler
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(out / WEAK_WEIGHTS))

@@ -31,6 +31,7 @@ from guidance.ops.fdg import collapse_pyramid, fdg, laplacian_pyramid
 from guidance.ops.fresca import FRESCA_CONVENTIONS, frequency_scale, fresca
 from guidance.ops.magnitude import magnitude_ratio, mambo_g
 from guidance.ops.mahiro import MAHIRO_CONVENTIONS, mahiro
+from guidance.ops.nag import NAG_NORMS, normalized_attention_guidance
 from guidance.ops.perp_neg import perp_neg
 from guidance.ops.perturbed import PERTURBED_CONVENTIONS, autoguidance, perturbed_guidance
 from guidance.ops.projection import project
@@ -79,4 +80,6 @@ __all__ = [
     "random_embedding_like",
     "random_labels_like",
     "perturb_time_embedding",
+    "NAG_NORMS",
+    "normalized_attention_guidance",
 ]

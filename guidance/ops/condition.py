@@ -20,8 +20,12 @@ import torch
 from torch import Tensor
 
 from guidance.ops._common import _sample_dims, _work_dtype
+from guidance.tensors import per_sample
+from guidance.validation import check_bool as _check_bool
 from guidance.validation import check_int as _check_int
 from guidance.validation import check_range as _check_range
+from guidance.validation import check_same_shape as _check_same_shape
+from guidance.validation import check_tensor as _check_tensor
 
 
 def _randn(like: Tensor, generator: torch.Generator | None, dtype: torch.dtype) -> Tensor:
@@ -47,6 +51,8 @@ def random_embedding_like(
         >>> r.shape, round(float(r.std()) / 3.0, 1)
         (torch.Size([2, 77, 64]), 1.0)
     """
+    _check_tensor(embeds, "embeds", floating=True)
+    match_std = _check_bool(match_std, "match_std")
     dtype = _work_dtype(embeds)
     noise = _randn(embeds, generator, dtype)
     if match_std and embeds.ndim > 1:
@@ -66,6 +72,7 @@ def random_labels_like(
         >>> int(r.min()), int(r.max()), r.dtype
         (0, 9, torch.int64)
     """
+    _check_tensor(labels, "labels")
     num_classes = _check_int(num_classes, "num_classes", minimum=1)
     device = generator.device if generator is not None else labels.device
     drawn = torch.randint(0, num_classes, labels.shape, generator=generator, device=device)
@@ -97,19 +104,22 @@ def perturb_time_embedding(
         >>> perturb_time_embedding(e, 0.0, generator=torch.Generator().manual_seed(0)).equal(e)  # t = 0: unchanged
         True
     """
+    _check_tensor(embedding, "embedding", floating=True, min_ndim=1)
     noise_scale = _check_range(noise_scale, "noise_scale", 0.0, math.inf, hi_open=True)
     power = _check_range(power, "power", 0.0, math.inf, hi_open=True)
     time_scale = _check_range(time_scale, "time_scale", 0.0, math.inf, lo_open=True, hi_open=True)
+    scale_by_std = _check_bool(scale_by_std, "scale_by_std")
+    if noise is not None:
+        _check_tensor(noise, "noise", floating=True)
+        _check_same_shape(noise, embedding, "noise", "embedding")
     dtype = _work_dtype(embedding)
     e = embedding.to(dtype)
     if noise is None:
         noise = _randn(embedding, generator, dtype)
-    elif noise.shape != embedding.shape:
-        raise ValueError(f"`noise` must have the shape of `embedding` {tuple(embedding.shape)}, got {tuple(noise.shape)}.")
     t = torch.as_tensor(timestep, dtype=dtype, device=embedding.device).reshape(-1)
     if t.numel() not in (1, e.shape[0]):
         raise ValueError(f"`timestep` must be a number or hold one value per sample ({e.shape[0]}), got {t.numel()}.")
-    t = (t / time_scale).clamp_min(0).reshape(-1, *([1] * (e.ndim - 1)))
+    t = per_sample((t / time_scale).clamp_min(0), e)
     amplitude = noise_scale * t**power
     if scale_by_std:
         amplitude = amplitude * e.std(dim=_sample_dims(e, None), keepdim=True)

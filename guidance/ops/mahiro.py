@@ -14,6 +14,7 @@ from guidance.ops._common import (
     _work_dtype,
 )
 from guidance.ops.cfg import cfg
+from guidance.tensors import per_sample
 from guidance.validation import check_choice as _check_choice
 
 MAHIRO_CONVENTIONS = ("per_sample", "comfyui")
@@ -44,9 +45,7 @@ def mahiro(cond: Tensor, uncond: Tensor, scale: Scale, *, convention: str = "per
         True
     """
     _check_choice(convention, "convention", MAHIRO_CONVENTIONS)
-    _check_pair(cond, uncond)
-    if cond.ndim < 2:
-        raise ValueError(f"`cond` must have a channel dim (B, C, ...), got shape {tuple(cond.shape)}.")
+    _check_pair(cond, uncond, min_ndim=2)  # a channel dim: (B, C, ...)
     if _is_one(scale):
         return cond
     dtype = _work_dtype(cond)
@@ -60,6 +59,6 @@ def mahiro(cond: Tensor, uncond: Tensor, scale: Scale, *, convention: str = "per
         similarity = similarity.mean().expand(c.shape[0])
     else:
         similarity = similarity.reshape(c.shape[0], -1).mean(dim=1)
-    k = (2 * (similarity + 1)).reshape(-1, *([1] * (c.ndim - 1)))
+    k = per_sample(2 * (similarity + 1), c)
     out = (k * guided + (4 - k) * leap) / 4
     return _keep_cond_where_one(scale, cond, out.to(cond.dtype))

@@ -14,7 +14,9 @@ branch shares one batched denoiser call with ``cond`` and ``uncond``:
 * :class:`SmoothedQueries` (SEG): self-attention queries blurred over the token grid;
 * :class:`SkipBlocks` (SLG, STG-R): whole blocks return their input;
 * :class:`ShuffleTokens` (TPG): the tokens entering blocks are permuted;
-* :class:`StochasticSkip` (S^2-Guidance): a random subset of blocks skipped per step.
+* :class:`StochasticSkip` (S^2-Guidance): a random subset of blocks skipped per step;
+* :class:`NormalizedCrossAttention` (NAG): cross-attention guided away from a negative context
+  (on the ``cond`` branch itself, no extra branch).
 
 Layers are chosen with :func:`layer_matcher` specs (``"mid"``, ``"transformer_blocks.7"``,
 ``fnmatch`` patterns or a predicate).
@@ -22,6 +24,7 @@ Layers are chosen with :func:`layer_matcher` specs (``"mid"``, ``"transformer_bl
 
 from guidance.perturbations._common import layer_matcher
 from guidance.perturbations.identity_attention import IdentityAttention, identity_attention
+from guidance.perturbations.normalized_attention import NormalizedCrossAttention
 from guidance.perturbations.skip_blocks import SkipBlocks
 from guidance.perturbations.smoothed_queries import SmoothedQueries, blur_queries
 from guidance.perturbations.stochastic_skip import StochasticSkip
@@ -36,4 +39,5 @@ __all__ = [
     "SkipBlocks",
     "ShuffleTokens",
     "StochasticSkip",
+    "NormalizedCrossAttention",
 ]

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from guidance import ops
-from guidance.validation import check_int, check_range
+from guidance.validation import check_bool, check_choice, check_int, check_range
 
 __all__ = ["RandomCondition", "PerturbedTimestep"]
 
@@ -107,10 +107,8 @@ class RandomCondition(_SeededHook):
     def __init__(self, num_classes: int | None = None, *, match_std: bool = True, seed: int = 0, kind: str = "auto"):
         super().__init__(seed)
         self.num_classes = None if num_classes is None else check_int(num_classes, "num_classes", minimum=1)
-        self.match_std = bool(match_std)
-        if kind not in self.KINDS:
-            raise ValueError(f"`kind` must be one of {self.KINDS}, got {kind!r}.")
-        self.kind = kind
+        self.match_std = check_bool(match_std, "match_std")
+        self.kind = check_choice(kind, "kind", self.KINDS)
 
     def _class_modules(self, module: nn.Module) -> list[tuple[nn.Module, int]]:
         found = [(m, int(m.num_classes)) for m in _named(module, "LabelEmbedding")]

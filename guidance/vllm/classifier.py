@@ -123,13 +123,14 @@ class ClassifierLogitsProcessor(V1LogitsProcessor):
     """
 
     def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
-        from guidance.lm.steering import _CandidateTexts  # the transformers adapter's text cache, reused
+        # The transformers adapter's text cache, reused.
+        from guidance.lm.steering.candidates import CandidateTexts
 
         self.vllm_config = vllm_config
         self.table: RowTable[_Row] = RowTable()
         self._classifier: Any = None
         self._tokenizer: Any = None
-        self._texts_cls = _CandidateTexts
+        self._texts_cls = CandidateTexts
         self._texts: Any = None
         self.stats = {"steps": 0, "classifier_calls": 0, "rows_scored": 0, "texts_scored": 0}
 

@@ -75,9 +75,7 @@ def _check_scale_for(scale: float | Tensor, batch: int, values: bool) -> float |
     check_batch_scale(scale, batch, "scale")
     if values or scale.device.type == "cpu":
         return check_scale(scale, "scale")
-    if scale.is_complex() or scale.dtype == torch.bool:
-        raise TypeError(f"`scale` must be a real tensor, got dtype {scale.dtype}.")
-    return scale
+    return check_tensor(scale, "scale", real=True)
 
 
 def cfg_log_softmax(

@@ -128,10 +128,7 @@ def validate_filter_value(filter_value: float) -> float:
         >>> validate_filter_value(float("-inf"))
         -inf
     """
-    number = check_number(filter_value, "filter_value")
-    if math.isnan(number):
-        raise ValueError("`filter_value` must be a real number in [-inf, inf] (usually -inf), got nan.")
-    return number
+    return check_range(filter_value, "filter_value", -math.inf, math.inf)
 
 
 def check_logits(scores: Tensor, name: str = "scores", *, allow_1d: bool = False) -> Tensor:

@@ -26,7 +26,7 @@ from guidance.classifier import (
 from guidance.lm.generation_state import GenerationTracker
 from guidance.lm.steering.candidates import CandidateTexts
 from guidance.lm.steering.classifiers import as_text_classifier, resolve_label
-from guidance.validation import check_choice, check_finite, check_int, check_range
+from guidance.validation import check_bool, check_choice, check_finite, check_int, check_range
 
 __all__ = ["ClassifierWeightedLogitsProcessor"]
 
@@ -87,7 +87,7 @@ class ClassifierWeightedLogitsProcessor(LogitsProcessor):
         context_tokens (`int >= 1`, *optional*): classify at most the last ``context_tokens``
             LM tokens of the prefix (bounds the classifier's cost). ``None``: the whole text.
         outside_top_k (`str`): ``"remove"`` (default) or ``"prefix"``, see above.
-        filter_value (`float`): the score of removed tokens. Default ``-inf``.
+        filter_value (`float`): the score of removed tokens, a number in ``[-inf, inf)``. Default ``-inf``.
 
     Incoming scores with NaN, and classifier answers with NaN, infinities or values outside
     ``[0, 1]``, raise ``ValueError``. ``stats`` counts steps, classifier calls, texts scored,
@@ -131,6 +131,8 @@ class ClassifierWeightedLogitsProcessor(LogitsProcessor):
         check_finite(alpha, "alpha")
         validate_top_k(top_k, len(tokenizer) if hasattr(tokenizer, "__len__") else None)
         _check_options(entropy_threshold, context_tokens, outside_top_k)
+        include_prompt = check_bool(include_prompt, "include_prompt")
+        filter_value = check_range(filter_value, "filter_value", -math.inf, math.inf, hi_open=True)
         self.tokenizer = tokenizer
         self.classifier = as_text_classifier(classifier, classifier_tokenizer)
         self.label = resolve_label(label, self.classifier)

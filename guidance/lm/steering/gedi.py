@@ -8,6 +8,7 @@ KV cache that follows beam-search reorderings) and keeps its running log-likelih
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,9 +20,9 @@ from transformers import DynamicCache, LogitsProcessor, PreTrainedModel
 from guidance.classifier import gedi_class_log_probs, gedi_logits
 from guidance.lm import compat
 from guidance.lm.generation_state import GenerationTracker
-from guidance.lm.padding import left_pad
+from guidance.lm.padding import left_pad, position_ids
 from guidance.lm.steering.classifiers import model_device
-from guidance.validation import check_finite, check_int
+from guidance.validation import check_bool, check_finite, check_int, check_optional_int, check_range
 
 __all__ = ["GeDiLogitsProcessor"]
 
@@ -124,8 +125,8 @@ class GeDiLogitsProcessor(LogitsProcessor):
             Default 0.
         class_bias (`Sequence[float]`, *optional*): one finite bias per class, added after length
             normalisation (a log prior). Default: none.
-        logit_scale (`float`): GeDi's ``logit_scale``, any finite number (1 for an LM that was
-            not trained as GeDi). Default 1.
+        logit_scale (`float`): GeDi's ``logit_scale``, a finite number ``>= 0`` (1 for an LM that
+            was not trained as GeDi; 0 gives the likelihoods no weight). Default 1.
         length_normalize (`bool`): divide the class log-likelihoods by the number of scored
             tokens. Default True.
         score_prompt (`bool`): include the prompt's tokens in the class log-likelihoods (GeDi
@@ -170,7 +171,13 @@ class GeDiLogitsProcessor(LogitsProcessor):
         pad_token_id: int | None = None,
     ) -> None:
         check_finite(omega, "omega")
-        check_finite(logit_scale, "logit_scale")
+        # gedi_class_log_probs needs >= 0 (negative favours impossible classes): refuse it here, not at step 1
+        logit_scale = check_range(logit_scale, "logit_scale", 0.0, math.inf, hi_open=True)
+        length_normalize = check_bool(length_normalize, "length_normalize")
+        score_prompt = check_bool(score_prompt, "score_prompt")
+        if pad_token_id is None and tokenizer is not None:
+            pad_token_id = tokenizer.pad_token_id
+        self.pad_token_id = check_optional_int(pad_token_id, "pad_token_id", minimum=0)
         self._input_vocab, self._output_vocab = _vocab_sizes(class_lm)
         self.class_prompt_ids = _encode_class_prompts(class_prompts, tokenizer, self._input_vocab)
         self.class_bias = _check_class_options(desired_class, class_bias, len(self.class_prompt_ids))
@@ -180,9 +187,6 @@ class GeDiLogitsProcessor(LogitsProcessor):
         self.logit_scale = float(logit_scale)
         self.length_normalize = length_normalize
         self.score_prompt = score_prompt
-        if pad_token_id is None and tokenizer is not None:
-            pad_token_id = tokenizer.pad_token_id
-        self.pad_token_id = pad_token_id
         self.stats = {"steps": 0, "prefills": 0, "reorders": 0}
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(class_lm.forward).parameters
         self._cache_argument = compat.cache_argument(class_lm)  # `cache` or `past_key_values`, by version
@@ -226,7 +230,7 @@ class GeDiLogitsProcessor(LogitsProcessor):
         self, out: Any, inputs: tuple[Tensor, Tensor, Tensor], lengths: Tensor, one_pass: bool
     ) -> Tensor:
         """``(C * B,)`` class log-likelihoods of each row's content (zero if not ``score_prompt``)."""
-        ids, mask, position_ids = inputs
+        ids, mask, positions = inputs
         longest = int(lengths.max())
         if not self.score_prompt:
             return torch.zeros(ids.shape[0], device=ids.device)
@@ -241,7 +245,7 @@ class GeDiLogitsProcessor(LogitsProcessor):
                 longest + 1,
                 input_ids=ids[rows],
                 attention_mask=mask[rows],
-                position_ids=position_ids[rows],
+                position_ids=positions[rows],
                 use_cache=False,
             )
             chunks.append(_scored_log_likelihood(chunk.logits, ids[rows], lengths[rows], longest))
@@ -252,8 +256,8 @@ class GeDiLogitsProcessor(LogitsProcessor):
         contents = [self._content(row) for row in input_ids.tolist()]
         sequences = [prompt + content for prompt in self.class_prompt_ids for content in contents]
         ids, mask = left_pad(sequences, pad_token_id=0)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        ids, mask, position_ids = ids.to(device), mask.to(device), position_ids.to(device)
+        ids, mask = ids.to(device), mask.to(device)
+        positions = position_ids(mask)
         batch = input_ids.shape[0]
         lengths = torch.tensor([len(content) for content in contents]).repeat(self.num_classes)
         longest = int(lengths.max())
@@ -263,17 +267,17 @@ class GeDiLogitsProcessor(LogitsProcessor):
             longest + 1 if one_pass else 1,
             input_ids=ids,
             attention_mask=mask,
-            position_ids=position_ids,
+            position_ids=positions,
             use_cache=True,
             **{self._cache_argument: cache},
         )
-        prefix_ll = self._prompt_log_likelihood(out, (ids, mask, position_ids), lengths, one_pass)
+        prefix_ll = self._prompt_log_likelihood(out, (ids, mask, positions), lengths, one_pass)
         logits = out.logits[:, -1].float()
         counts = lengths[:batch].to(torch.float32) if self.score_prompt else torch.zeros(batch)
         self._state = _ClassLMState(
             cache=cache,
             mask=mask,
-            position=position_ids[:, -1],
+            position=positions[:, -1],
             next_log_probs=torch.log_softmax(logits, dim=-1).view(self.num_classes, batch, -1),
             prefix_ll=prefix_ll.view(self.num_classes, batch).to(logits.device),
             counts=counts.to(logits.device),
