@@ -1,7 +1,8 @@
 """Adaptive CFG decoding on the embedded model: accuracy, unconditional positions and time, in one run.
 
     python benchmarks/lm_adaptive.py --quick          # ~3 minutes on a quiet 2-core CPU
-    python benchmarks/lm_adaptive.py --json benchmarks/results/lm_adaptive_cpu.json
+    python benchmarks/lm_adaptive.py                  # writes benchmarks/results/lm_adaptive_cpu.json
+    python benchmarks/lm_adaptive.py --parts time long --update   # re-time, keep the accuracy table
 
 Three measurements, greedy, float32, ``--threads`` CPU threads (default 1):
 
@@ -42,7 +43,17 @@ from transformers import StoppingCriteria, StoppingCriteriaList  # noqa: E402
 from guidance import cfg_generate  # noqa: E402
 from guidance.lm.adaptive import AdaptiveLMGuidance  # noqa: E402
 
+try:
+    from tqdm import tqdm  # noqa: E402
+except ImportError:  # a plain counter on stderr
+    def tqdm(iterable: Any, desc: str = "", total: int | None = None, **_: Any) -> Any:
+        total = total or len(iterable)
+        for index, value in enumerate(iterable):
+            print(f"{desc}: {index + 1}/{total}", file=sys.stderr, flush=True)
+            yield value
+
 DATA = Path(__file__).with_name("data") / "last_word.tsv"
+RESULTS = Path(__file__).with_name("results") / "lm_adaptive_cpu.json"
 WORD = re.compile(r"\s*([A-Za-z]+)")
 CHAT_PROMPTS = [
     "Write a short story about a robot who learns to paint.",
@@ -114,7 +125,7 @@ def task_accuracy(model: Any, tokenizer: Any, items: list[dict[str, str]], args:
     for name, mode in modes(args.scale, args.thresholds).items():
         right, computed, live, batched, decisions = 0, 0, 0, 0, torch.zeros(3, dtype=torch.long)
         start = time.perf_counter()
-        for first in range(0, len(order), args.task_batch):
+        for first in tqdm(range(0, len(order), args.task_batch), desc=f"accuracy, {name}", leave=False):
             batch = [items[i] for i in order[first : first + args.task_batch]]
             out, length = run_batch(model, tokenizer, [b["context"] for b in batch], mode, args.max_new_tokens)
             texts = tokenizer.batch_decode(out.sequences[:, length:], skip_special_tokens=True)
@@ -140,16 +151,42 @@ def task_accuracy(model: Any, tokenizer: Any, items: list[dict[str, str]], args:
     return rows
 
 
-def _interleaved_medians(calls: dict[str, Any], repeats: int) -> dict[str, float]:
-    """Median seconds of each call; the calls take turns (one warm-up round first), so load drifts hit all alike."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for round_ in range(repeats + 1):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            if round_:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+def _interleaved_medians(calls: dict[str, list[Any]], repeats: int, desc: str) -> tuple[dict[str, float], dict]:
+    """Median over rounds of each mode's total seconds, and each mode's outputs of the last round.
+
+    ``calls[mode]`` is one call per chunk of work. Within a round the modes take turns on every
+    chunk (the order rotating from chunk to chunk), so load drifts of a shared machine hit all
+    modes alike; one warm-up round comes first.
+    """
+    names = list(calls)
+    chunks = len(next(iter(calls.values())))
+    times: dict[str, list[float]] = {name: [] for name in names}
+    outputs: dict[str, list[Any]] = {}
+    for round_ in tqdm(range(repeats + 1), desc=desc, leave=False):
+        total = dict.fromkeys(names, 0.0)
+        outputs = {name: [] for name in names}
+        for chunk in range(chunks):
+            shift = (chunk + round_) % len(names)
+            for name in names[shift:] + names[:shift]:
+                start = time.perf_counter()
+                outputs[name].append(calls[name][chunk]())
+                total[name] += time.perf_counter() - start
+        if round_:
+            for name in names:
+                times[name].append(total[name])
+    return {name: statistics.median(values) for name, values in times.items()}, outputs
+
+
+def _stats_fields(outputs: list[Any]) -> dict[str, float | None]:
+    """Unconditional positions computed (share of what CFG needs) and tokens guided, over one round's outputs."""
+    stats = [out.adaptive_stats for out in outputs if getattr(out, "adaptive_stats", None) is not None]
+    if not stats:
+        return {"uncond_fraction": None, "guided_fraction": None}
+    computed = sum(int(s.unconditional_positions.sum()) for s in stats)
+    live = sum(int(s.live_cfg_positions.sum()) for s in stats)
+    guided = sum(int((s.decisions == 0).sum()) for s in stats)
+    decided = sum(int((s.decisions != 3).sum()) for s in stats)  # finished rows' padding steps not counted
+    return {"uncond_fraction": computed / live if live else None, "guided_fraction": guided / decided if decided else None}
 
 
 def _timed_modes(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -162,13 +199,15 @@ def task_timing(model: Any, tokenizer: Any, items: list[dict[str, str]], args: a
         contexts = [item["context"] for item in items[: max(batch, args.time_items)]]
         chunks = [contexts[i : i + batch] for i in range(0, len(contexts), batch)]
         calls = {
-            name: (lambda mode=mode, chunks=chunks: [run_batch(model, tokenizer, c, mode, args.max_new_tokens) for c in chunks])
+            name: [lambda mode=mode, chunk=chunk: run_batch(model, tokenizer, chunk, mode, args.max_new_tokens)[0]
+                   for chunk in chunks]
             for name, mode in _timed_modes(args).items()
         }
-        medians = _interleaved_medians(calls, args.repeats)
+        medians, outputs = _interleaved_medians(calls, args.repeats, f"task time, batch {batch}")
         plain = medians["plain generate"]
         for name, seconds in medians.items():
-            rows.append({"part": "task", "mode": name, "batch": batch, "seconds": seconds, "time_vs_plain": seconds / plain})
+            rows.append({"part": "task", "mode": name, "batch": batch, "items": len(contexts), "seconds": seconds,
+                         "time_vs_plain": seconds / plain, **_stats_fields(outputs[name])})
             print(f"  task, batch {batch}, {name}: {seconds / plain:.2f} x plain", file=sys.stderr)
     return rows
 
@@ -182,21 +221,15 @@ def long_timing(model: Any, tokenizer: Any, args: argparse.Namespace) -> list[di
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                add_generation_prompt=True) for p in prompts]
         inputs = _encode(tokenizer, texts)
-        outputs: dict[str, Any] = {}
-
-        def call(name: str, mode: dict[str, Any], inputs: Any = inputs, outputs: dict[str, Any] = outputs) -> None:
-            outputs[name] = model.generate(**inputs, **common, **mode)
-
-        calls = {name: (lambda name=name, mode=mode: call(name, mode)) for name, mode in _timed_modes(args).items()}
-        medians = _interleaved_medians(calls, args.repeats)
+        calls = {name: [lambda mode=mode, inputs=inputs: model.generate(**inputs, **common, **mode)]
+                 for name, mode in _timed_modes(args).items()}
+        medians, outputs = _interleaved_medians(calls, args.repeats, f"long time, batch {batch}")
         plain = medians["plain generate"]
         for name, seconds in medians.items():
-            stats = getattr(outputs[name], "adaptive_stats", None)
             rows.append({
                 "part": "long", "mode": name, "batch": batch, "new_tokens": args.new_tokens, "seconds": seconds,
                 "tokens_per_second": batch * args.new_tokens / seconds, "time_vs_plain": seconds / plain,
-                "uncond_fraction": None if stats is None else stats.fraction,
-                "guided_fraction": None if stats is None else float((stats.decisions == 0).float().mean()),
+                **_stats_fields(outputs[name]),
             })
             print(f"  long, batch {batch}, {name}: {seconds / plain:.2f} x plain", file=sys.stderr)
     return rows
@@ -206,15 +239,18 @@ def tables(accuracy: list[dict], timing: list[dict], header: str) -> str:
     def pct(value: float | None) -> str:
         return "-" if value is None else f"{100 * value:.1f}%"
 
-    lines = [header, "", "| mode | accuracy | uncond positions (live) | of batched CFG | guided / exact / heuristic steps |",
-             "|---|---:|---:|---:|---|"]
+    lines = [header]
+    if accuracy:
+        lines += ["", "| mode | accuracy | uncond positions (live) | of batched CFG | guided / exact / heuristic steps |",
+                  "|---|---:|---:|---:|---|"]
     for row in accuracy:
         steps = "-" if row["guided_steps"] is None else (
             f"{row['guided_steps']} / {row['exact_skips']} / {row['heuristic_skips']}")
         lines.append(f"| {row['mode']} | {pct(row['accuracy'])} | {pct(row['uncond_fraction_live'])} | "
                      f"{pct(row['uncond_fraction_batched'])} | {steps} |")
-    lines += ["", "| part | mode | batch | seconds | time x plain | uncond positions | guided tokens |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+    if timing:
+        lines += ["", "| part | mode | batch | seconds | time x plain | uncond positions | guided tokens |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
     for row in timing:
         lines.append(f"| {row['part']} | {row['mode']} | {row['batch']} | {row['seconds']:.2f} | "
                      f"{row['time_vs_plain']:.2f} | {pct(row.get('uncond_fraction'))} | {pct(row.get('guided_fraction'))} |")
@@ -239,12 +275,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--parts", nargs="+", choices=("accuracy", "time", "long"), default=["accuracy", "time", "long"],
                         help="which measurements to run")
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None,
+                        help=f"results file (default: {RESULTS.relative_to(RESULTS.parents[2])}; none with --quick)")
+    parser.add_argument("--no-json", action="store_true", help="print the tables only")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the parts of an existing --json file that this run does not measure")
     args = parser.parse_args(argv)
     args.thresholds = args.thresholds or ([4.0] if args.quick else [4.0, 2.0, 3.0, 6.0, math.inf])
     args.time_items = args.time_items or (8 if args.quick else 32)
     args.repeats = args.repeats or (2 if args.quick else 3)
     args.new_tokens = args.new_tokens or (32 if args.quick else 128)
+    if args.json is None and not args.quick:
+        args.json = RESULTS
+    if args.no_json:
+        args.json = None
     return args
 
 
@@ -259,19 +303,37 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_default_lm()
     items = load_items(args.quick, args.limit)
     print(f"task: {len(items)} items", file=sys.stderr)
+    load_before = os.getloadavg()
     accuracy = task_accuracy(model, tokenizer, items, args) if "accuracy" in args.parts else []
     timing = task_timing(model, tokenizer, items, args) if "time" in args.parts else []
     if "long" in args.parts:
         timing += long_timing(model, tokenizer, args)
+    load = f"load average {load_before[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end"
     header = (
-        f"Adaptive CFG, SmolLM2-135M-Instruct (embedded), float32, CPU ({os.cpu_count()} cores, {args.threads} thread), "
-        f"greedy, w={args.scale:g}, last-word task: {len(items)} items, batch {args.task_batch}; "
-        f"time: median of {args.repeats}; long: {args.new_tokens} tokens"
+        f"Adaptive CFG, SmolLM2-135M-Instruct (embedded), float32, CPU ({os.cpu_count()} cores, {args.threads} thread, "
+        f"{load}), greedy, w={args.scale:g}, last-word task: {len(items)} items, batch {args.task_batch}; "
+        f"time: median of {args.repeats}, variants interleaved; long: {args.new_tokens} tokens"
     )
-    print(tables(accuracy, timing, header))
+    result = {"header": header, "task": accuracy, "timing": timing, "argv": sys.argv[1:] if argv is None else argv}
+    if args.update and args.json and args.json.exists():
+        result = _merged(json.loads(args.json.read_text()), result, args.parts)
+    print(tables(result["task"], result["timing"], header))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"header": header, "task": accuracy, "timing": timing}, indent=2))
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+
+
+def _merged(old: dict[str, Any], new: dict[str, Any], parts: list[str]) -> dict[str, Any]:
+    """``new`` with the rows of ``old`` for the parts this run did not measure (their header kept apart)."""
+    part_of = {"task": "time", "long": "long"}  # timing row part -> the --parts name that measures it
+    kept_timing = [row for row in old.get("timing", []) if part_of[row["part"]] not in parts]
+    merged = dict(new)
+    if "accuracy" not in parts:
+        merged["task"] = old.get("task", [])
+        merged["task_header"] = old.get("task_header", old.get("header"))
+    merged["timing"] = kept_timing + new["timing"]
+    return merged
 
 
 if __name__ == "__main__":

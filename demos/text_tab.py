@@ -1,7 +1,7 @@
 """The Text tab: unguided and guided continuations of one prompt, streamed side by side.
 
-SmolLM2-135M-Instruct (embedded) with CFG (scale or schedule, negative prompt), typical
-sampling and sentiment steering with the shipped classifier. Both columns use the same seed;
+SmolLM2-135M-Instruct (embedded) with CFG (scale or schedule, negative prompt, adaptive
+guidance), typical sampling and sentiment steering with the shipped classifier. Both columns use the same seed;
 the unguided one runs first, so each column's tokens per second is measured alone.
 """
 
@@ -37,6 +37,7 @@ __all__ = ["STEERING_TARGETS", "TEXT_EXAMPLES", "TextRequest", "build_text_tab",
 STEERING_TARGETS = ("positive", "negative")
 STEERING_TOP_K = 10
 STEERING_CONTEXT_TOKENS = 64
+ADAPTIVE_MAX_THRESHOLD = 20.0  # nats; beyond it adaptive CFG skips only where the exact rules allow
 TEXT_EXAMPLES = [
     ["Write a short review of a pizza restaurant.", "Write a short negative review.", 3.0],
     ["Describe the sea in two sentences.", "", 1.5],
@@ -66,6 +67,8 @@ class TextRequest:
     scale: float
     schedule: str
     ramp_start: float
+    adaptive: bool
+    adaptive_threshold: float
     do_sample: bool
     typical_p: float
     steering: bool
@@ -82,6 +85,8 @@ class TextRequest:
         scale: Any,
         schedule: Any,
         ramp_start: Any,
+        adaptive: Any,
+        adaptive_threshold: Any,
         do_sample: Any,
         typical_p: Any,
         steering: Any,
@@ -97,6 +102,8 @@ class TextRequest:
             scale=float(number(scale, "Guidance scale", 0.0, LIMITS.text_scale)),
             schedule=choice(schedule, "Schedule", SCHEDULES),
             ramp_start=float(number(ramp_start, "Ramp start", 0.0, LIMITS.text_scale)),
+            adaptive=bool(adaptive),
+            adaptive_threshold=float(number(adaptive_threshold, "Adaptive threshold", 0.0, ADAPTIVE_MAX_THRESHOLD)),
             do_sample=bool(do_sample),
             typical_p=float(number(typical_p, "typical_p", 0.01, 1.0)),
             steering=bool(steering),
@@ -111,6 +118,10 @@ class TextRequest:
     @property
     def steers(self) -> bool:
         return self.steering and self.steering_strength > 0
+
+    @property
+    def cfg_on(self) -> bool:
+        return self.scale != 1.0 or self.schedule != "constant"
 
     @property
     def guided(self) -> bool:
@@ -172,6 +183,7 @@ class _Progress:
     tokens: int
     seconds: float
     done: bool = False
+    adaptive_stats: Any = None  # the final progress of an adaptive CFG run: guidance.lm.AdaptiveStats
 
     @property
     def tokens_per_second(self) -> float:
@@ -216,7 +228,7 @@ def _stream_generation(
     if "error" in box:
         raise box["error"]
     result = box["result"]
-    yield _Progress(result.texts[0], result.new_tokens, result.seconds, done=True)
+    yield _Progress(result.texts[0], result.new_tokens, result.seconds, done=True, adaptive_stats=result.adaptive_stats)
 
 
 def _check_prompt_tokens(tokenizer: Any, text: str, name: str) -> None:
@@ -227,12 +239,31 @@ def _check_prompt_tokens(tokenizer: Any, text: str, name: str) -> None:
 
 def _guidance_note(request: TextRequest) -> str:
     parts = []
-    if request.scale != 1.0 or request.schedule != "constant":
+    if request.cfg_on:
         parts.append(f"CFG {describe_schedule(request.schedule, request.scale, request.ramp_start)}")
         parts.append("negative prompt" if request.negative_prompt else "unconditional = last prompt token")
+        if request.adaptive:
+            parts.append(f"adaptive, threshold {request.adaptive_threshold:g} nats")
     if request.steers:
         parts.append(f"steering → {request.steering_target} (α = {request.steering_strength:g})")
     return ", ".join(parts) if parts else "guidance off (same as unguided)"
+
+
+def _adaptive_note(stats: Any) -> str:
+    """Per row: unconditional positions computed against what full CFG computes, and the tokens guided."""
+    if stats is None:
+        return ""
+    rows = []
+    for computed, needed, guided, steps in zip(
+        stats.unconditional_positions.tolist(),
+        stats.live_cfg_positions.tolist(),
+        stats.guided_steps.tolist(),
+        [stats.decisions.shape[1]] * stats.decisions.shape[0],
+        strict=True,
+    ):
+        share = f" ({100 * computed / needed:.0f}%)" if needed else ""
+        rows.append(f"unconditional positions computed: {computed} of {needed}{share}; tokens guided: {guided} of {steps}")
+    return "  \n".join(rows)
 
 
 def _sampling_kwargs(request: TextRequest) -> dict[str, Any]:
@@ -255,6 +286,8 @@ def _guided_kwargs(store: ModelStore, request: TextRequest, tokenizer: Any) -> d
         kwargs["guidance_schedule"] = make_schedule(request.schedule, request.scale, request.ramp_start)
     if request.negative_prompt:
         kwargs["negative_prompts"] = request.negative_prompt
+    if request.adaptive and request.cfg_on:
+        kwargs["guidance_adaptive"] = request.adaptive_threshold
     if request.steers:
         from transformers import LogitsProcessorList
 
@@ -302,7 +335,8 @@ def stream_text(store: ModelStore, *inputs: Any) -> Iterator[tuple[str, str, str
         yield unguided[0], guided[0], unguided[1], guided[1]
         note = _guidance_note(request)
         for progress in _stream_generation(model, tokenizer, request.prompt, stop, **guided_kwargs):
-            guided = [progress.text, progress.markdown(note)]
+            extra = _adaptive_note(progress.adaptive_stats)
+            guided = [progress.text, progress.markdown(f"{note}  \n{extra}" if extra else note)]
             yield unguided[0], guided[0], unguided[1], guided[1]
     finally:
         stop.set()  # the page went away or Stop was pressed: end the generation thread early
@@ -318,6 +352,8 @@ class _TextControls:
     scale: Any
     schedule: Any
     ramp: Any
+    adaptive: Any
+    adaptive_threshold: Any
     do_sample: Any
     typical_p: Any
     steering: Any
@@ -367,7 +403,27 @@ def _guidance_controls() -> dict[str, Any]:
             elem_id="text-ramp",
         )
     schedule.change(toggle_visible, schedule, ramp, queue=False)
-    return {"prompt": prompt, "negative": negative, "scale": scale, "schedule": schedule, "ramp": ramp}
+    return {"prompt": prompt, "negative": negative, "scale": scale, "schedule": schedule, "ramp": ramp,
+            **_adaptive_controls()}
+
+
+def _adaptive_controls() -> dict[str, Any]:
+    with gr.Row(equal_height=True):
+        adaptive = gr.Checkbox(
+            value=False,
+            label="Adaptive guidance (skip the unconditional forward where it cannot change the token)",
+            elem_id="text-adaptive",
+            min_width=160,
+        )
+        threshold = gr.Slider(
+            0.0,
+            ADAPTIVE_MAX_THRESHOLD,
+            value=4.0,
+            step=0.5,
+            label="Adaptive threshold (nats; larger = closer to full CFG)",
+            elem_id="text-adaptive-threshold",
+        )
+    return {"adaptive": adaptive, "adaptive_threshold": threshold}
 
 
 def _sampling_controls() -> dict[str, Any]:

@@ -312,6 +312,11 @@ def _print(args: argparse.Namespace, model_name: str, sampling: dict[str, Any], 
             width,
         )
     )
+    stats = getattr(guided, "adaptive_stats", None)
+    if stats is not None:
+        computed, needed = int(stats.unconditional_positions[0]), int(stats.live_cfg_positions[0])
+        print(f"adaptive: {computed} of {needed} unconditional positions computed, "
+              f"{int(stats.guided_steps[0])} of {stats.decisions.shape[1]} tokens guided")
 
 
 if __name__ == "__main__":

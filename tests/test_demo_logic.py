@@ -33,6 +33,8 @@ TEXT_DEFAULTS = {
     "scale": 2.0,
     "schedule": "constant",
     "ramp_start": 1.0,
+    "adaptive": False,
+    "adaptive_threshold": 4.0,
     "do_sample": False,
     "typical_p": 0.9,
     "steering": False,
@@ -226,6 +228,25 @@ def test_schedules_reach_generate(store, word_lm, word_tokenizer):
     assert "linear w 0.5 → 4" in stats
 
 
+def test_adaptive_control_reaches_generate_and_reports_positions(store, word_lm, word_tokenizer):
+    _, (_, guided, _, stats) = run_text(store, adaptive=True, adaptive_threshold=6.0)
+    expected = generate_text(
+        word_lm, word_tokenizer, "the movie was", negative_prompts="bad", guidance_scale=2.0, max_new_tokens=6,
+        guidance_adaptive=6.0,
+    )
+    counts = expected.adaptive_stats
+    assert guided == expected.texts[0]
+    assert "adaptive, threshold 6 nats" in stats
+    computed, needed = int(counts.unconditional_positions[0]), int(counts.live_cfg_positions[0])
+    assert f"unconditional positions computed: {computed} of {needed}" in stats
+    assert f"tokens guided: {int(counts.guided_steps[0])} of 6" in stats
+    # Threshold 0 skips every token: the guided column is the conditional model alone, nothing unconditional runs.
+    _, (unguided, guided, _, stats) = run_text(store, adaptive=True, adaptive_threshold=0.0)
+    assert guided == unguided and "unconditional positions computed: 0 of" in stats
+    # Off: the note says nothing about adaptive guidance.
+    assert "adaptive" not in run_text(store)[1][3]
+
+
 def test_sampling_is_seeded(store):
     first = run_text(store, do_sample=True, typical_p=0.5, seed=11)[1]
     again = run_text(store, do_sample=True, typical_p=0.5, seed=11)[1]
@@ -297,6 +318,8 @@ def test_stop_event_ends_generation_after_one_token(word_lm, word_tokenizer):
         ({"scale": None}, "Guidance scale must be a number"),
         ({"schedule": "exponential"}, "Schedule must be one of constant, linear, cosine"),
         ({"ramp_start": -1}, r"Ramp start must be a number in \[0, 10\]"),
+        ({"adaptive_threshold": -0.5}, r"Adaptive threshold must be a number in \[0, 20\]"),
+        ({"adaptive_threshold": None}, "Adaptive threshold must be a number"),
         ({"typical_p": 0.0}, r"typical_p must be a number in \[0.01, 1\]"),
         ({"steering_target": "angry"}, "Steering target must be one of positive, negative"),
         ({"steering_strength": 25}, r"Steering strength must be a number in \[0, 20\]"),

@@ -18,6 +18,7 @@ from guidance.lm.adaptive import (
     HEURISTIC_SKIP,
     AdaptiveGenerateOutput,
     AdaptiveLMGuidance,
+    AdaptiveStats,
     HeadBound,
     UnconditionalRows,
     as_adaptive,
@@ -362,10 +363,15 @@ def test_cli_flag_reaches_cfg_generate(monkeypatch, capsys):
 
     def fake_generate_text(model, tokenizer, prompt, **kwargs):
         calls.append(kwargs)
-        return GenerationResult(texts=["text"], new_tokens=1, seconds=1.0)
+        stats = None if "guidance_adaptive" not in kwargs else AdaptiveStats(
+            torch.tensor([3]), torch.tensor([9]), torch.tensor([8]), torch.tensor([[GUIDED, HEURISTIC_SKIP, GUIDED]])
+        )
+        return GenerationResult(texts=["text"], new_tokens=1, seconds=1.0, adaptive_stats=stats)
 
     monkeypatch.setattr(guidance.models, "load_default_lm", lambda: (None, None))
     monkeypatch.setattr(guidance.lm.text, "generate_text", fake_generate_text)
     assert cli.main(["--guidance-adaptive", "6", "--width", "80"]) == 0
     assert "guidance_adaptive" not in calls[0] and calls[1]["guidance_adaptive"] == 6.0
-    assert "adaptive (threshold 6)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "adaptive (threshold 6)" in out
+    assert "adaptive: 3 of 8 unconditional positions computed, 2 of 3 tokens guided" in out

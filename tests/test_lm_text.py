@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import threading
 
 import pytest
@@ -148,3 +149,16 @@ def test_bad_seed_or_generator_is_rejected_before_any_work(tiny_lm, tokenizer):
         generate_text(tiny_lm, tokenizer, "good", seed=1, generator=torch.Generator(), chat=False)
     with pytest.raises(TypeError, match="torch.Generator"):
         generate_text(tiny_lm, tokenizer, "good", generator=7, chat=False)
+
+
+def test_adaptive_guidance_returns_its_stats(tiny_lm, tokenizer):
+    prompts = ["w5 w17 w33", "w7 w3"]
+    common = dict(negative_prompts="w9", guidance_scale=2.0, max_new_tokens=5)
+    full = generate_text(tiny_lm, tokenizer, prompts, **common)
+    assert full.adaptive_stats is None
+    never_skips = generate_text(tiny_lm, tokenizer, prompts, guidance_adaptive=math.inf, **common)
+    assert never_skips.texts == full.texts  # the exact rules only: greedy output is full CFG's
+    stats = generate_text(tiny_lm, tokenizer, prompts, guidance_adaptive=0.0, **common).adaptive_stats
+    assert stats.unconditional_positions.tolist() == [0, 0] and stats.decisions.shape == (2, 5)
+    off = generate_text(tiny_lm, tokenizer, prompts, guidance_adaptive=4.0, **{**common, "guidance_scale": 1.0})
+    assert off.adaptive_stats is None  # guidance off: transformers' own decoding, nothing unconditional runs

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,6 +19,9 @@ from guidance.lm.generate import cfg_generate
 from guidance.lm.padding import left_pad
 from guidance.schedules import Schedule
 from guidance.validation import check_int
+
+if TYPE_CHECKING:
+    from guidance.lm.adaptive import AdaptiveStats
 
 __all__ = ["GenerationResult", "encode_prompts", "generate_text", "pad_token_id"]
 
@@ -31,6 +34,9 @@ class GenerationResult:
         texts (`list[str]`): one continuation per prompt (the prompt itself not included).
         new_tokens (`int`, >= 1): generated tokens over all rows, padding not counted.
         seconds (`float`, >= 0): wall time of ``generate``.
+        adaptive_stats (`AdaptiveStats`, *optional*): with ``guidance_adaptive=``, what adaptive
+            CFG computed per row (unconditional positions, decisions); ``None`` otherwise and
+            when guidance was off (scale 1: nothing unconditional runs).
 
     Example:
         >>> from guidance.lm import GenerationResult
@@ -41,6 +47,7 @@ class GenerationResult:
     texts: list[str]
     new_tokens: int
     seconds: float
+    adaptive_stats: AdaptiveStats | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -187,7 +194,8 @@ def generate_text(
             device type) instead; not with ``seed``.
         streamer (*optional*): a transformers streamer.
         **generate_kwargs: passed to ``model.generate`` (``do_sample``, ``temperature``,
-            ``typical_p``, ``logits_processor``, ...).
+            ``typical_p``, ``logits_processor``, ``guidance_adaptive``, ...). With
+            ``guidance_adaptive`` the result's ``adaptive_stats`` holds the per-row counts.
 
     With neither ``seed`` nor ``generator``, sampling draws from torch's global generator,
     exactly as ``model.generate`` does. With either, the global generator is neither read
@@ -233,12 +241,16 @@ def generate_text(
     pad = pad_token_id(tokenizer)
     kwargs.setdefault("pad_token_id", pad)
     inputs = {k: v.to(device) for k, v in inputs.items()}
+    if kwargs.get("guidance_adaptive") is not None:
+        kwargs["return_dict_in_generate"] = True  # the output carries adaptive_stats
     start = time.perf_counter()
     output = model.generate(
         **inputs, max_new_tokens=max_new_tokens, custom_generate=cfg_generate, cfg_streamer=streamer, **kwargs
     )
     seconds = time.perf_counter() - start
-    new = output[:, inputs["input_ids"].shape[1] :]
+    stats = getattr(output, "adaptive_stats", None)
+    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    new = sequences[:, inputs["input_ids"].shape[1] :]
     texts = tokenizer.batch_decode(new, skip_special_tokens=True)
     new_tokens = int((new != kwargs["pad_token_id"]).sum())
-    return GenerationResult(texts=texts, new_tokens=max(new_tokens, 1), seconds=seconds)
+    return GenerationResult(texts=texts, new_tokens=max(new_tokens, 1), seconds=seconds, adaptive_stats=stats)
