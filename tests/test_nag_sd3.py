@@ -341,3 +341,29 @@ def test_modular_nag_component_in_the_sd3_modular_pipeline():
     torch.testing.assert_close(pooled, _modular_reference(embeds["negative_pooled_prompt_embeds"]),
                                rtol=1e-5, atol=1e-5)
     assert not torch.allclose(pooled, only, atol=1e-5) and _same_state(tr, before)
+
+
+def test_sd35_style_blocks_with_qk_norm_and_dual_attention():
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    tr = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8,
+                               num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64,
+                               pooled_projection_dim=64, out_channels=4, qk_norm="rms_norm",
+                               dual_attention_layers=(0,)).eval()
+    x, context, pooled, t = _inputs(3, seed=6)
+    before = _state(tr)
+    hook = NormalizedCrossAttention(torch.randn(1, 6, 64), scale=4.0)
+    with torch.no_grad():
+        plain = _call(tr, x, context, pooled, t)
+        with hook.apply(tr, slice(2, 3)):
+            rows = _call(tr, x, context, pooled, t)
+        with hook.apply(tr, None):
+            whole = _call(tr, x, context, pooled, t)
+        with NormalizedCrossAttention(torch.randn(1, 6, 64), scale=1.0).apply(tr, None):
+            off = _call(tr, x, context, pooled, t)
+    assert _same_state(tr, before) and torch.isfinite(whole).all()
+    torch.testing.assert_close(rows[:2], plain[:2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rows[2:], whole[2:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(off, plain, rtol=1e-5, atol=1e-6)  # s = 1: the negative stream changes nothing
+    assert not torch.allclose(whole, plain, atol=1e-3)
