@@ -59,7 +59,7 @@ def is_joint_transformer(module: Any) -> bool:
     if getattr(module, "single_transformer_blocks", None) is not None:  # Flux: single-stream blocks too
         return False
     try:
-        params = inspect.signature(module.forward).parameters
+        params = inspect.signature(type(module).forward).parameters  # the class's: attach patches the instance
     except (TypeError, ValueError):
         return False
     return all(name in params for name in _INPUTS) and any(
