@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-from guidance.tensors import float64_device, per_sample, work_dtype
+from guidance.tensors import float64_device, per_sample, surely_finite, work_dtype
 from guidance.tensors import saturate as _saturate
 from guidance.validation import (
     check_batch_scale,
@@ -81,6 +81,9 @@ def _combine(cond: Tensor, uncond: Tensor, w: float | Tensor) -> Tensor:
     (:func:`guidance.tensors.saturate`),
     never NaN for finite inputs. No device sync."""
     guided = uncond + w * (cond - uncond)
+    # On the CPU a sync is free: skip the overflow repair when nothing overflowed (bit-identical).
+    if guided.device.type == "cpu" and surely_finite(guided):
+        return guided
     convex = (1 - w) * uncond + w * cond
     # Both forms overflow only where the exact result is out of range: keep the inf, not inf - inf.
     convex = torch.where(torch.isnan(convex), guided, convex)
@@ -110,6 +113,8 @@ def _masked_combine(cond: Tensor, uncond: Tensor, w: float | Tensor, raw: tuple[
     masked everywhere stays all ``-inf``. ``raw`` are the scores as given, checked for NaN and
     ``+inf`` (``ValueError``) only when some entry is not finite, so the common case costs one sync.
     """
+    if surely_finite(cond, uncond):
+        return _combine(cond, uncond, w)
     finite = torch.isfinite(cond) & torch.isfinite(uncond)
     if bool(finite.all()):
         return _combine(cond, uncond, w)

@@ -206,6 +206,8 @@ def cfg_log_probs(cond_logits: Tensor, uncond_logits: Tensor, scale: Scale) -> T
     cond_lp = _log_softmax(cond_logits, dtype)
     w = _as_batch_scale(scale, cond_lp)
     guided = _masked_combine(cond_lp, uncond_lp, w, (cond_logits, uncond_logits), names)
+    if not isinstance(scale, Tensor):
+        return guided
     return _pin_rows(scale, guided, cond_logits, _no_nan_rows(uncond_lp))
 
 

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from guidance.ops import cfg_log_probs
+from guidance.tensors import surely_finite
 from guidance.validation import (
     check_int,
     check_number,
@@ -369,6 +370,9 @@ def cfg_log_softmax_torch(cond_logits: Tensor, uncond_logits: Tensor, scale: flo
     """
     if not isinstance(scale, Tensor) and scale == 1:
         return cond_logits
+    if cond_logits.device.type == "cpu" and surely_finite(cond_logits, uncond_logits):
+        # no masked, NaN or +inf entry (the usual step): the edge handling below would change nothing
+        return cfg_log_probs(cond_logits, uncond_logits, scale)
     # rows holding NaN/+inf are the caller's to report or mark (``check_finite``): combine the
     # others, and give those rows placeholder zeros so that the shared formula does not refuse them
     bad = (invalid_rows(cond_logits) | invalid_rows(uncond_logits))[:, None]
