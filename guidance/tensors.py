@@ -175,7 +175,7 @@ def saturate(out: Tensor, *inputs: Tensor) -> Tensor:
 
 
 def surely_finite(*tensors: Tensor) -> bool:
-    """True when every entry of every tensor is finite, judged from their sums (one pass, one sync each).
+    """True when every entry of every tensor is finite, judged from their sums (one pass each, one sync).
 
     A NaN or infinite entry makes a sum NaN or infinite, so True is always right; False may also
     come from finite entries whose sum overflows. Use it to pick a fast path whose slow
@@ -193,5 +193,5 @@ def surely_finite(*tensors: Tensor) -> bool:
         >>> surely_finite(torch.tensor([1.0, 2.0]))
         True
     """
-    return all(bool(torch.isfinite(x.sum(dtype=torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None)))
-               for x in tensors)
+    sums = [x.sum(dtype=torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None) for x in tensors]
+    return bool(torch.isfinite(torch.stack([total.to(sums[0].dtype) for total in sums])).all())

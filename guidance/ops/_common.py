@@ -81,9 +81,6 @@ def _combine(cond: Tensor, uncond: Tensor, w: float | Tensor) -> Tensor:
     (:func:`guidance.tensors.saturate`),
     never NaN for finite inputs. No device sync."""
     guided = uncond + w * (cond - uncond)
-    # On the CPU a sync is free: skip the overflow repair when nothing overflowed (bit-identical).
-    if guided.device.type == "cpu" and surely_finite(guided):
-        return guided
     convex = (1 - w) * uncond + w * cond
     # Both forms overflow only where the exact result is out of range: keep the inf, not inf - inf.
     convex = torch.where(torch.isnan(convex), guided, convex)
@@ -113,8 +110,9 @@ def _masked_combine(cond: Tensor, uncond: Tensor, w: float | Tensor, raw: tuple[
     masked everywhere stays all ``-inf``. ``raw`` are the scores as given, checked for NaN and
     ``+inf`` (``ValueError``) only when some entry is not finite, so the common case costs one sync.
     """
-    if surely_finite(cond, uncond):
-        return _combine(cond, uncond, w)
+    guided = uncond + w * (cond - uncond)
+    if surely_finite(cond, uncond, guided):  # no mask and no overflow: _combine would return guided as is
+        return guided
     finite = torch.isfinite(cond) & torch.isfinite(uncond)
     if bool(finite.all()):
         return _combine(cond, uncond, w)
