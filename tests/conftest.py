@@ -26,6 +26,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``).
+
+    Tiny models run far faster on one thread than on two contended ones, and references compared
+    bit for bit with one-thread ranks (CFG-parallel) must use the same kernels.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_lm():
     """A tiny random Llama: fast, deterministic, with a real KV cache and rotary positions."""

@@ -46,13 +46,7 @@ ROOT = Path(guidance.__file__).resolve().parent.parent
 RELATIVE = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The ranks run with one thread each; the references must use the same kernels.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _free_port() -> int:

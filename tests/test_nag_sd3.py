@@ -27,12 +27,7 @@ PROMPTS = ["a cat", "dog"]
 SEQ = 4  # max_sequence_length: the T5 zeros appended to the CLIP tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------ a hand-written MMDiT forward with NAG
