@@ -199,3 +199,32 @@ def test_ho_salimans_conversions_validate():
         scale_from_ho_salimans(math.nan)
     with pytest.raises(TypeError, match="scale"):
         scale_to_ho_salimans(None)
+
+
+def test_surely_finite_is_never_wrong_when_it_says_true():
+    from guidance.tensors import surely_finite
+
+    assert surely_finite(torch.randn(4, 7), torch.randn(3))
+    assert not surely_finite(torch.tensor([1.0, float("nan")]))
+    assert not surely_finite(torch.tensor([1.0]), torch.tensor([float("-inf"), 2.0]))
+    assert not surely_finite(torch.tensor([float("inf"), float("-inf")]))  # the sum is NaN
+    assert not surely_finite(torch.tensor([3e38, 3e38]))  # finite, but the sum overflows: the slow path
+    assert surely_finite(torch.full((4,), 6e4, dtype=torch.float16))  # half precision sums in float32
+
+
+def test_fast_path_of_the_log_prob_combine_is_the_repaired_combine_bit_for_bit(monkeypatch):
+    from guidance.ops import _common
+
+    repaired = _common._combine
+    calls = []
+    monkeypatch.setattr(_common, "_combine", lambda *args: calls.append(1) or repaired(*args))
+    gen = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(6, 1000, generator=gen) * 30, torch.randn(6, 1000, generator=gen) * 30
+    for w in (1.5, -2.0, torch.tensor([[0.5], [2.0], [3.0], [1.0], [0.0], [7.0]])):
+        fast = _common._masked_combine(cond, uncond, w, (cond, uncond), ("cond", "uncond"))
+        assert not calls  # finite inputs and result: the fast path, no repair
+        assert torch.equal(fast, repaired(cond, uncond, w))
+    masked = cond.clone()
+    masked[0, 0] = -torch.inf
+    _common._masked_combine(masked, uncond, 1.5, (masked, uncond), ("cond", "uncond"))
+    assert calls  # a masked token takes the repairing path
