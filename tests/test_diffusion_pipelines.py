@@ -518,3 +518,16 @@ def test_noise_level_helper_matches_the_scheduler_conventions():
     assert schedule_sigma(NoiseLevel.flow_matching(0.25)) == 0.25
     assert schedule_sigma(NoiseLevel.ddpm(0.2)) == pytest.approx((0.8 / 0.2) ** 0.5)
     assert schedule_sigma(None) is None
+
+
+def test_tiny_builders_give_the_same_weights_and_leave_the_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = tiny_stable_diffusion()
+    assert torch.equal(torch.rand(3), expected)  # the caller's random stream is where it was
+    second = tiny_stable_diffusion()
+    for (name, a), (_, b) in zip(first.unet.state_dict().items(), second.unet.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    dit = tiny_dit(seed=1)
+    assert not torch.equal(next(dit.transformer.parameters()), next(tiny_dit(seed=2).transformer.parameters()))

@@ -3,7 +3,8 @@
 They follow diffusers' own pipeline tests (``get_dummy_components``) but need no hub
 access: the CLIP tokenizer is built from a 54-token character vocabulary written to a
 temporary folder. Every builder seeds torch before creating each model, so two calls
-give identical weights.
+give identical weights, and restores torch's global random state afterwards (building a
+pipeline does not change what ``torch.randn`` returns next).
 
 Example:
     >>> from guidance.diffusion.testing import tiny_stable_diffusion
@@ -18,8 +19,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from functools import lru_cache
-from typing import Any
+from collections.abc import Callable
+from functools import lru_cache, wraps
+from typing import Any, TypeVar
 
 import torch
 
@@ -31,6 +33,20 @@ __all__ = [
     "tiny_dit",
     "tiny_flux_transformer",
 ]
+
+_Builder = TypeVar("_Builder", bound=Callable[..., Any])
+
+
+def _keeps_global_rng(build: _Builder) -> _Builder:
+    """``build`` seeds torch's CPU generator to make its weights; the caller's random state is restored."""
+
+    @wraps(build)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            return build(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -100,6 +116,7 @@ def _tiny_vae(**overrides: Any) -> Any:
     return AutoencoderKL(**config).eval()
 
 
+@_keeps_global_rng
 def tiny_stable_diffusion(scheduler: Any = None, seed: int = 0) -> Any:
     """A ``StableDiffusionPipeline`` with a 2-level UNet (4/8 channels) and a 2-layer CLIP text encoder.
 
@@ -148,6 +165,7 @@ def tiny_stable_diffusion(scheduler: Any = None, seed: int = 0) -> Any:
     return pipe
 
 
+@_keeps_global_rng
 def tiny_stable_diffusion_xl(scheduler: Any = None, seed: int = 0) -> Any:
     """A ``StableDiffusionXLPipeline`` with text-time conditioning and two tiny CLIP text encoders."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -199,6 +217,7 @@ def tiny_stable_diffusion_xl(scheduler: Any = None, seed: int = 0) -> Any:
     return pipe
 
 
+@_keeps_global_rng
 def tiny_stable_diffusion_3(scheduler: Any = None, seed: int = 0, num_layers: int = 1) -> Any:
     """A ``StableDiffusion3Pipeline`` (flow matching) with a ``num_layers``-layer ``SD3Transformer2DModel`` (default 1).
 
@@ -250,6 +269,7 @@ def tiny_stable_diffusion_3(scheduler: Any = None, seed: int = 0, num_layers: in
     return pipe
 
 
+@_keeps_global_rng
 def tiny_dit(scheduler: Any = None, seed: int = 0) -> Any:
     """A ``DiTPipeline`` (class-conditional, learned variance, ``[cond, uncond]`` batch order)."""
     from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
@@ -278,6 +298,7 @@ def tiny_dit(scheduler: Any = None, seed: int = 0) -> Any:
     return pipe
 
 
+@_keeps_global_rng
 def tiny_flux_transformer(seed: int = 0) -> Any:
     """A 1+1-layer ``FluxTransformer2DModel`` with ``guidance_embeds=True`` (a guidance-distilled model)."""
     from diffusers import FluxTransformer2DModel
