@@ -14,7 +14,8 @@ another), every request a distinct prompt and exactly ``--max-tokens`` new token
 * ``transformers cfg_generate``: :func:`guidance.lm.cfg_generate`, one left-padded batch.
 
 ``cost`` is plain vLLM's tokens/s divided by the row's (how many times slower; CFG's floor is
-about the cost of a decode with twice the rows). Threads: ``OMP_NUM_THREADS`` (default 1)
+about the cost of a decode with twice the rows). With ``--repeats N`` every measurement is
+taken N times in a row and the median time is used (all times are in the JSON). Threads: ``OMP_NUM_THREADS`` (default 1)
 for vLLM (``VLLM_CPU_OMP_THREADS_BIND=nobind``) and torch alike.
 
 Run (a vLLM environment, see ``.ci/vllm.sh``; about 15 minutes on 2 busy CPU cores):
@@ -28,7 +29,9 @@ import gc
 import json
 import os
 import platform
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,25 +114,29 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                              extra_args={"typical_p": 0.9})
     results: dict[str, dict[int, dict[str, float]]] = {}
 
-    def record(name: str, c: int, tokens: int, seconds: float) -> None:
-        results.setdefault(name, {})[c] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    def record(name: str, c: int, run: Callable[..., tuple[int, float]], *run_args: Any) -> None:
+        runs = [run(*run_args) for _ in range(args.repeats)]
+        tokens, seconds = runs[0][0], statistics.median(s for _, s in runs)
+        results.setdefault(name, {})[c] = {
+            "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "all_seconds": [s for _, s in runs],
+        }
         print(f"{name:28s} c={c:3d}  {tokens / seconds:8.1f} tok/s  ({tokens} tokens, {seconds:.1f} s)", flush=True)
 
     max_seqs = 2 * max(concurrencies)
     llm = engine(folder, max_seqs)
     run_vllm(llm, make_prompts(2), greedy, 2)  # warm-up
     for c in concurrencies:
-        record("plain vLLM", c, *run_vllm(llm, prompt_sets[c], greedy, c))
+        record("plain vLLM", c, run_vllm, llm, prompt_sets[c], greedy, c)
     del llm
     gc.collect()
 
     llm = engine(folder, max_seqs, **gv.engine_kwargs())
     run_vllm(llm, make_prompts(2), cfg, 2)
     for c in concurrencies:
-        record("plain, CFG engine", c, *run_vllm(llm, prompt_sets[c], greedy, c))
-        record("vLLM + CFG", c, *run_vllm(llm, prompt_sets[c], cfg, c))
-        record("vLLM + CFG + negative", c, *run_vllm(llm, prompt_sets[c], negative, c))
-        record("vLLM + typical_p", c, *run_vllm(llm, prompt_sets[c], typical, c))
+        record("plain, CFG engine", c, run_vllm, llm, prompt_sets[c], greedy, c)
+        record("vLLM + CFG", c, run_vllm, llm, prompt_sets[c], cfg, c)
+        record("vLLM + CFG + negative", c, run_vllm, llm, prompt_sets[c], negative, c)
+        record("vLLM + typical_p", c, run_vllm, llm, prompt_sets[c], typical, c)
     del llm
     gc.collect()
 
@@ -140,7 +147,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     model, tokenizer = load_causal_lm(folder)
     for c in concurrencies:
-        record("transformers cfg_generate", c, *run_transformers(model, tokenizer, prompt_sets[c], args.max_tokens, c))
+        record("transformers cfg_generate", c, run_transformers, model, tokenizer, prompt_sets[c], args.max_tokens, c)
     return results
 
 
@@ -162,6 +169,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--single-requests", type=int, default=8, help="requests run one by one at concurrency 1")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per measurement; the median time counts")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     results = measure(args)
@@ -175,6 +183,7 @@ def main() -> None:
             "benchmark": "vllm_guidance",
             "model": "SmolLM2-135M-Instruct float32",
             "max_tokens": args.max_tokens,
+            "repeats": args.repeats,
             "threads": int(os.environ["OMP_NUM_THREADS"]),
             "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(),

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,7 @@ def _start(job: str, world_size: int, out: Path) -> list[subprocess.Popen]:
             "OMP_NUM_THREADS": "1",
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
             "HF_HUB_OFFLINE": "1",
+            "PYTHONFAULTHANDLER": "1",
         }
         log = open(out / f"log{rank}", "w")  # noqa: SIM115 - closed when the process is reaped
         processes.append(
@@ -111,14 +113,31 @@ class Ranks(list):
         self.out = out
 
 
+def _finished(out: Path, rank: int) -> bool:
+    """Whether ``rank`` wrote its final report (the worker's last act before exiting)."""
+    report = out / f"rank{rank}.json"
+    return report.exists() and "failed_at" in json.loads(report.read_text())["info"]
+
+
 def _job(job: str, world_size: int, out: Path, killed: tuple[int, ...] = (), seconds: float = 600) -> Ranks:
+    """Run ``job`` on ``world_size`` ranks; every rank must exit 0, except those in ``killed``.
+
+    One tolerance: a rank whose peer died may be aborted while the process exits
+    (``terminate called without an active exception``, from gloo; torch 2.13, 2 runs of about
+    70 on CPU, one of them in CI, not reproduced with bare ``torch.distributed`` calls). It is
+    accepted only after the rank wrote its final report, when nothing of ours is left to run,
+    and it warns. The workers run with ``PYTHONFAULTHANDLER=1``, so the log shows where it happened.
+    """
     processes = _start(job, world_size, out)
     _wait(processes, seconds)
     for rank, process in enumerate(processes):
-        expected = -signal.SIGKILL if rank in killed else 0
-        assert process.returncode == expected, (
-            f"rank {rank} exited {process.returncode}:\n{_log(out, rank)[-4000:]}"
-        )
+        code, log = process.returncode, _log(out, rank)
+        if rank in killed:
+            assert code == -signal.SIGKILL, f"rank {rank} exited {code}:\n{log[-4000:]}"
+        elif code == -signal.SIGABRT and _finished(out, rank) and "terminate called" in log:
+            warnings.warn(f"{job}: rank {rank} finished, then gloo aborted its exit: {log[-300:]}", stacklevel=1)
+        else:
+            assert code == 0, f"rank {rank} exited {code}:\n{log[-4000:]}"
     return Ranks(_results(out, world_size), out)
 
 
