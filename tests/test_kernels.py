@@ -147,6 +147,23 @@ def test_cfg_log_softmax_rejects_nan_and_inf_logits(bad: float) -> None:
     assert torch.equal(out[:2], kernels.cfg_log_softmax(cond[:2], uncond[:2], 1.5))
 
 
+def test_value_checks_read_every_entry_only_when_a_sum_is_not_finite(monkeypatch) -> None:
+    dispatch = sys.modules[kernels.cfg_log_softmax.__module__]
+    calls: list[str] = []
+    original = dispatch.check_logit_values
+    monkeypatch.setattr(dispatch, "check_logit_values", lambda t, name: calls.append(name) or original(t, name))
+    cond, uncond = _randn(3, 10, seed=27), _randn(3, 10, seed=28)
+    kernels.cfg_log_softmax(cond, uncond, 1.5)
+    kernels.typical_filter(cond, 0.9)
+    assert calls == []
+    cond[1, 3] = -math.inf  # a masked token: the full check runs and lets it through
+    assert torch.isneginf(kernels.cfg_log_softmax(cond, uncond, 1.5)[1, 3])
+    assert calls == ["cond_logits", "uncond_logits"]
+    cond[0, 0] = math.nan
+    with pytest.raises(ValueError, match="`scores` contains NaN"):
+        kernels.typical_filter(cond, 0.9)
+
+
 def test_cfg_log_softmax_argument_errors() -> None:
     cond = torch.zeros(2, 4)
     with pytest.raises(

@@ -10,6 +10,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from guidance.tensors import surely_finite
 from guidance.validation import check_batch_scale, check_range, check_same_shape, check_scale, check_tensor
 from samplers.kernels import reference
 from samplers.kernels.reference import (
@@ -78,6 +79,14 @@ def _check_scale_for(scale: float | Tensor, batch: int, values: bool) -> float |
     return check_tensor(scale, "scale", real=True)
 
 
+def _check_values(*named: tuple[Tensor, str]) -> None:
+    """:func:`check_logit_values` on each ``(tensor, name)``, after one cheap pass that clears the usual all-finite case."""
+    if surely_finite(*(tensor for tensor, _ in named)):
+        return
+    for tensor, name in named:
+        check_logit_values(tensor, name)
+
+
 def cfg_log_softmax(
     cond_logits: Tensor, uncond_logits: Tensor, scale: float | Tensor, *, check_finite: bool = True
 ) -> Tensor:
@@ -128,8 +137,7 @@ def cfg_log_softmax(
             cond_logits, uncond_logits, scale, check_finite=check_finite
         )
     if check_finite:
-        check_logit_values(cond_logits, "cond_logits")
-        check_logit_values(uncond_logits, "uncond_logits")
+        _check_values((cond_logits, "cond_logits"), (uncond_logits, "uncond_logits"))
     out = reference.cfg_log_softmax_torch(cond_logits, uncond_logits, scale)
     if not check_finite:
         bad = invalid_rows(cond_logits) | invalid_rows(uncond_logits)
@@ -190,7 +198,7 @@ def typical_filter(
         )
     else:
         if check_finite:
-            check_logit_values(rows, "scores")
+            _check_values((rows, "scores"))
         out = reference.typical_filter_torch(
             rows, mass, min_tokens_to_keep, filter_value, mark_invalid=not check_finite
         )
@@ -269,8 +277,7 @@ def cfg_typical_sample(
     if uses_triton(*tensors):
         return _triton_module().cfg_typical_sample_triton(*args, **kwargs, check_finite=check_finite)
     if check_finite:
-        for tensor, name in zip(tensors, ("cond_logits", "uncond_logits"), strict=False):
-            check_logit_values(tensor, name)
+        _check_values(*zip(tensors, ("cond_logits", "uncond_logits"), strict=False))
     tokens = reference.cfg_typical_sample_torch(*args, **kwargs)
     if check_finite:
         raise_for_missing_tokens(tokens)
