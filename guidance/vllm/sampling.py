@@ -185,12 +185,12 @@ def decide_tokens(
         tensor([1, 0])
     """
     logits = apply_penalties(guided, prompt_ids, output_ids, settings)
+    if all(s.greedy for s in settings):
+        return logits.argmax(dim=-1)
     tokens = torch.empty(len(settings), dtype=torch.long, device=logits.device)
     greedy = torch.tensor([s.greedy for s in settings], device=logits.device)
     if bool(greedy.any()):
         tokens[greedy] = logits[greedy].argmax(dim=-1)
-    if bool(greedy.all()):
-        return tokens
     rows = (~greedy).nonzero().flatten()
     sampled = [settings[i] for i in rows.tolist()]
     values = lambda name, dtype: torch.tensor([getattr(s, name) for s in sampled], dtype=dtype)  # noqa: E731
