@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.vllm_guidance import engine, make_prompts, run_vllm  # noqa: E402
+from benchmarks.vllm_guidance import companion_prompts, engine, make_prompts, run_vllm  # noqa: E402
 
 
 def main() -> None:
@@ -38,8 +38,7 @@ def main() -> None:
     llm = engine(str(gv.default_model_folder()), 4 * args.requests)
     greedy = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
     prompts = make_prompts(args.requests)
-    tokenizer = llm.get_tokenizer()
-    companions = [tokenizer.decode(tokenizer(p).input_ids[-1:]) for p in prompts]
+    companions = companion_prompts(llm, prompts)
     run_vllm(llm, make_prompts(2), greedy, 2)  # warm-up
     alone, paired = [], []
     for _ in range(args.repeats):

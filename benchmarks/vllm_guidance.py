@@ -5,6 +5,9 @@ flight (offline ``LLM.generate`` on all of them at once; at 1, the requests one 
 another), every request a distinct prompt and exactly ``--max-tokens`` new tokens:
 
 * ``plain vLLM``: a stock engine, greedy;
+* ``plain vLLM + companion rows``: the same, each request sharing the engine with its
+  one-token companion (its last prompt token) as a plain request; only the requests' tokens
+  count. CFG's floor: any CFG that decodes a second row per request costs at least this;
 * ``plain, CFG engine``: the same requests on the engine built with
   :func:`guidance.vllm.engine_kwargs` (pair scheduler, processors, prefix caching off), to
   show what installing it costs requests that do not use it;
@@ -51,6 +54,7 @@ TOPICS = (
 )
 STYLES = ("Write a short story about", "Describe", "Tell me a fact about", "Write a poem about")
 NEGATIVE = "Write something dull and repetitive."
+FLOOR = "plain vLLM + companion rows"
 
 
 def make_prompts(count: int) -> list[str]:
@@ -73,6 +77,29 @@ def run_vllm(llm: Any, prompts: list[str], params: Any, concurrency: int) -> tup
         outputs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
     else:
         outputs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    return sum(len(o.outputs[0].token_ids) for o in outputs), seconds
+
+
+def companion_prompts(llm: Any, prompts: list[str]) -> list[str]:
+    """Each prompt's default unconditional context, its last token, as text."""
+    tokenizer = llm.get_tokenizer()
+    return [tokenizer.decode(tokenizer(p).input_ids[-1:]) for p in prompts]
+
+
+def run_vllm_with_companions(
+    llm: Any, prompts: list[str], companions: list[str], params: Any, concurrency: int
+) -> tuple[int, float]:
+    """Like :func:`run_vllm`, each prompt sharing its steps with its companion as a plain request.
+
+    Only the prompts' tokens count: this is what any CFG that decodes a second row per request
+    costs at least (the floor), without pairing or guidance.
+    """
+    start = time.perf_counter()
+    if concurrency == 1:
+        outputs = [llm.generate([p, c], params, use_tqdm=False)[0] for p, c in zip(prompts, companions, strict=True)]
+    else:
+        outputs = llm.generate(prompts + companions, params, use_tqdm=False)[: len(prompts)]
     seconds = time.perf_counter() - start
     return sum(len(o.outputs[0].token_ids) for o in outputs), seconds
 
@@ -127,6 +154,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     run_vllm(llm, make_prompts(2), greedy, 2)  # warm-up
     for c in concurrencies:
         record("plain vLLM", c, run_vllm, llm, prompt_sets[c], greedy, c)
+        companions = companion_prompts(llm, prompt_sets[c])
+        record(FLOOR, c, run_vllm_with_companions, llm, prompt_sets[c], companions, greedy, c)
     del llm
     gc.collect()
 
@@ -193,6 +222,11 @@ def main() -> None:
             "cost_vs_plain_vllm": {
                 name: {str(c): results["plain vLLM"][c]["tokens_per_s"] / v["tokens_per_s"] for c, v in by_c.items()}
                 for name, by_c in results.items()
+            },
+            "cost_vs_floor": {
+                name: {str(c): results[FLOOR][c]["tokens_per_s"] / v["tokens_per_s"] for c, v in by_c.items()}
+                for name, by_c in results.items()
+                if name.startswith("vLLM + CFG")
             },
             "cost_vs_plain_on_the_cfg_engine": {
                 name: {
