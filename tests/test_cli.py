@@ -186,6 +186,10 @@ def test_schedule_that_ends_guidance_early_runs(tiny_folder, capsys):
 
 @pytest.mark.slow
 def test_main_job_on_the_embedded_model(capsys):
+    from guidance.models.smollm2 import default_model_path
+
+    default_model_path()  # on a fresh cache, the one-time conversion reports its progress on stderr
+    capsys.readouterr()
     argv = ["--prompt", "Name a colour.", "--max-new-tokens", "6", "--schedule", "linear", "--schedule-start", "3",
             "--guidance-scale", "1", "--width", "100"]
     assert main(argv) == 0
