@@ -79,12 +79,16 @@ def _check_scale_for(scale: float | Tensor, batch: int, values: bool) -> float |
     return check_tensor(scale, "scale", real=True)
 
 
-def _check_values(*named: tuple[Tensor, str]) -> None:
-    """:func:`check_logit_values` on each ``(tensor, name)``, after one cheap pass that clears the usual all-finite case."""
+def _check_values(*named: tuple[Tensor, str]) -> bool:
+    """:func:`check_logit_values` on each ``(tensor, name)``, after one cheap pass that clears the usual all-finite case.
+
+    Returns whether that pass found every entry finite (False: some are ``-inf``, or a sum overflowed).
+    """
     if surely_finite(*(tensor for tensor, _ in named)):
-        return
+        return True
     for tensor, name in named:
         check_logit_values(tensor, name)
+    return False
 
 
 def cfg_log_softmax(
@@ -136,9 +140,10 @@ def cfg_log_softmax(
         return _triton_module().cfg_log_softmax_triton(
             cond_logits, uncond_logits, scale, check_finite=check_finite
         )
+    finite: bool | None = None
     if check_finite:
-        _check_values((cond_logits, "cond_logits"), (uncond_logits, "uncond_logits"))
-    out = reference.cfg_log_softmax_torch(cond_logits, uncond_logits, scale)
+        finite = _check_values((cond_logits, "cond_logits"), (uncond_logits, "uncond_logits"))
+    out = reference.cfg_log_softmax_torch(cond_logits, uncond_logits, scale, finite=finite)
     if not check_finite:
         bad = invalid_rows(cond_logits) | invalid_rows(uncond_logits)
         if isinstance(scale, Tensor):

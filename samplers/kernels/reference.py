@@ -348,7 +348,9 @@ def _row_scale(scale: float | Tensor, like: Tensor) -> float | Tensor:
     return scale.to(device=like.device, dtype=like.dtype).reshape(-1)[:, None].expand(like.shape[0], 1)
 
 
-def cfg_log_softmax_torch(cond_logits: Tensor, uncond_logits: Tensor, scale: float | Tensor) -> Tensor:
+def cfg_log_softmax_torch(
+    cond_logits: Tensor, uncond_logits: Tensor, scale: float | Tensor, *, finite: bool | None = None
+) -> Tensor:
     """The PyTorch path of ``cfg_log_softmax``: :func:`guidance.ops.cfg_log_probs` with its edges defined.
 
     On top of ``cfg_log_probs`` (the one home of the formula): a row whose scale is exactly 1
@@ -360,6 +362,9 @@ def cfg_log_softmax_torch(cond_logits: Tensor, uncond_logits: Tensor, scale: flo
         cond_logits (`torch.Tensor`): ``(batch, vocab)`` conditional logits.
         uncond_logits (`torch.Tensor`): unconditional logits of the same shape.
         scale (`float` or `torch.Tensor`): finite scale, a number or one per row.
+        finite (`bool`, *optional*): whether the caller found every entry of both inputs finite:
+            ``True`` skips the edge handling, ``False`` runs it. By default the CPU path finds
+            out with one pass over their sums, and other devices always handle the edges.
 
     Example:
         >>> import torch
@@ -370,7 +375,9 @@ def cfg_log_softmax_torch(cond_logits: Tensor, uncond_logits: Tensor, scale: flo
     """
     if not isinstance(scale, Tensor) and scale == 1:
         return cond_logits
-    if cond_logits.device.type == "cpu" and surely_finite(cond_logits, uncond_logits):
+    if finite is None:
+        finite = cond_logits.device.type == "cpu" and surely_finite(cond_logits, uncond_logits)
+    if finite:
         # no masked, NaN or +inf entry (the usual step): the edge handling below would change nothing
         return cfg_log_probs(cond_logits, uncond_logits, scale)
     # rows holding NaN/+inf are the caller's to report or mark (``check_finite``): combine the
